@@ -1,0 +1,472 @@
+"""Model presets and the inference bundle: a frozen MicroDiT teacher, its latent codec and its text encoder.
+
+A `Preset` names everything one teacher needs to turn prompts into images; `PRESETS` is the one registry and
+`load_pipeline(name, ...)` builds a `Pipeline` from it. Pretrained parts come from a local path given by the
+caller, else from the Hugging Face cache, else from one ordinary hub download (skipped when HF_HUB_OFFLINE=1);
+anything missing is a one-line `UserError` naming the file to fetch.
+
+Adding a preset: define a `Preset` below and list it in `PRESETS`. A preset's `codec` is any frozen spec object
+with `build(source, dtype, seed) -> codec`, where a codec is an `nn.Module` with `encode(images) -> latents`
+((B, 3, H, W) in [-1, 1] -> latents already times the scaling factor) and `decode(latents) -> images`
+((B, 3, H, W) float32 in [0, 1]). Its `text_encoder` is a spec with `width` and `build(source, seed) ->
+TextEncoder` (see `OpenCLIPText`, `RandomText`). `source` is the user's --vae / --text-encoder path or None.
+"""
+import argparse
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Protocol, Sequence
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn as nn
+from diffusers import AutoencoderKL
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from open_clip.transformer import TextTransformer
+
+import microdit
+import shapes
+from cd_utils import EDM, EDMConfig
+from utils import UserError
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+DFN5B_HUB_ID = "apple/DFN5B-CLIP-ViT-H-14-378"
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # preferred first
+SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Local files
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub read it at import time, or as set in the environment since."""
+    return hf_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "on", "true", "yes")
+
+
+def hub_file(repo_id: str, filenames: Sequence[str]) -> Optional[str]:
+    """Local path of the first of `filenames` found in Hugging Face repo `repo_id`, or None.
+
+    The local cache is searched first (no network). Only when none is cached and HF_HUB_OFFLINE is unset is
+    `filenames[0]` downloaded; huggingface_hub gives up on an unreachable hub after ~25 s of retries.
+    """
+    for name in filenames:
+        path = try_to_load_from_cache(repo_id, name)
+        if isinstance(path, str):
+            return path
+    if _hub_offline():
+        return None
+    try:
+        return hf_hub_download(repo_id, filenames[0])
+    except Exception:  # no network, no such repo or file, no permission: all mean "not available here"
+        return None
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _no_source(source: Optional[str], option: str) -> None:
+    if source is not None:
+        raise UserError(f"{option} {source}: this preset builds that part from the seed and takes no weights")
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Draw module initialisations from `seed` without disturbing the caller's global CPU RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text encoder
+
+class TextEncoder(nn.Module):
+    """Per-token caption embeddings from an open_clip text tower, as MicroDiT consumes them (spec section 8).
+
+    Keeps only `token_embedding`, `positional_embedding`, `transformer`, `ln_final` and the causal `attn_mask`
+    of `tower` (an `open_clip.CLIP` or `open_clip.transformer.TextTransformer`); no EOT pooling, no projection.
+    Always float32 (the official encoder runs under an fp32 autocast). `width` = D, `context_length` = L = 77.
+    """
+
+    def __init__(self, tower: nn.Module, tokenizer: open_clip.SimpleTokenizer):
+        super().__init__()
+        self.token_embedding = tower.token_embedding
+        self.positional_embedding = tower.positional_embedding
+        self.transformer = tower.transformer
+        self.ln_final = tower.ln_final
+        self.register_buffer("attn_mask", tower.attn_mask, persistent=False)  # (L, L): 0 on/below diag, -inf above
+        self.tokenizer = tokenizer
+        self.context_length, self.width = self.positional_embedding.shape
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, L) int64: SOT + BPE + EOT, zero-padded; a longer prompt keeps its first L tokens with EOT last."""
+        return self.tokenizer(list(prompts), context_length=self.context_length)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """B prompts -> (B, 1, L, D) float32 on this module's device, padding positions included."""
+        ids = self.tokenize(prompts).to(self.positional_embedding.device)
+        with torch.autocast(ids.device.type, enabled=False):
+            x = self.token_embedding(ids) + self.positional_embedding
+            # open_clip >= 2.26 takes (B, L, D) here whatever its internal layout (the official code's permute to
+            # (L, B, D) was for <= 2.24); the additive mask makes token i attend to tokens <= i only.
+            x = self.transformer(x, attn_mask=self.attn_mask)
+            x = self.ln_final(x)
+        return x.float().unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class OpenCLIPText:
+    """A pretrained open_clip text tower: weights from `hub_id`, architecture = open_clip built-in `config`."""
+
+    hub_id: str
+    config: str
+    width: int
+
+    def weights_path(self, source: Optional[str]) -> str:
+        """The weights file: `source` (a file, or a folder holding one of OPEN_CLIP_WEIGHTS), else the hub."""
+        if source is None:
+            path = hub_file(self.hub_id, OPEN_CLIP_WEIGHTS)
+            if path is None:
+                raise UserError(f"text encoder weights not found: download hf-hub:{self.hub_id} "
+                                f"({OPEN_CLIP_WEIGHTS[0]}) or pass --text-encoder PATH")
+            return path
+        if os.path.isdir(source):
+            found = [os.path.join(source, n) for n in OPEN_CLIP_WEIGHTS if os.path.isfile(os.path.join(source, n))]
+            if found:
+                return found[0]
+        elif os.path.isfile(source):
+            return source
+        raise UserError(f"text encoder weights not found: {source} (expected an open_clip {self.config} weights "
+                        f"file or a folder with {' or '.join(OPEN_CLIP_WEIGHTS)})")
+
+    def build(self, source: Optional[str], seed: int) -> TextEncoder:
+        path = self.weights_path(source)
+        try:
+            clip = open_clip.create_model(self.config, pretrained=path, require_pretrained=True)
+        except (RuntimeError, OSError, ValueError, KeyError, AssertionError) as e:  # open_clip checks by assert
+            raise UserError(f"text encoder weights {path} do not load into open_clip {self.config} "
+                            f"({_first_line(e)})") from None
+        return TextEncoder(clip, open_clip.get_tokenizer(self.config))  # the vision tower goes with `clip`
+
+
+@dataclass(frozen=True)
+class RandomText:
+    """A small open_clip `TextTransformer` (CLIP BPE vocabulary, 77 tokens) with random weights.
+
+    seed: a fixed initialisation seed (for a preset whose committed teacher was trained on this tower);
+    None draws the tower from load_pipeline's seed.
+    """
+
+    width: int
+    layers: int
+    heads: int
+    seed: Optional[int] = None
+
+    def build(self, source: Optional[str], seed: int) -> TextEncoder:
+        _no_source(source, "--text-encoder")
+        with _seeded(seed if self.seed is None else self.seed):
+            tower = TextTransformer(width=self.width, heads=self.heads, layers=self.layers, output_dim=None)
+        return TextEncoder(tower, open_clip.SimpleTokenizer())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latent codecs
+
+class SDXLVAECodec(nn.Module):
+    """Latent codec around a diffusers `AutoencoderKL` (the SDXL VAE, or any AutoencoderKL), run in its dtype.
+
+    The SDXL VAE overflows in float16 (NaN/black images); decode it in bf16 or fp32, or pass the
+    `madebyollin/sdxl-vae-fp16-fix` weights (same latent space) as --vae FOLDER for fp16.
+    """
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)  # 0.13025 for SDXL
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> float32 latents (B, C, H/8, W/8), times the scaling factor.
+
+        The posterior mean (deterministic) unless a `generator` is given, which draws a posterior sample
+        from it as the official latent precompute scripts do (`latent_dist.sample()`).
+        """
+        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+        z = dist.mean if generator is None else dist.sample(generator)
+        return (z * self.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (B, C, h, w), scaled -> images (B, 3, 8h, 8w) float32 in [0, 1]; the official op order."""
+        latents = 1 / self.scaling_factor * latents.float()
+        images = self.vae.decode(latents.to(self.vae.device, self.vae.dtype)).sample
+        return (images / 2 + 0.5).clamp(0, 1).float()
+
+
+@dataclass(frozen=True)
+class PretrainedVAE:
+    """A diffusers AutoencoderKL from `hub_id`/`subfolder`, or from a local folder."""
+
+    hub_id: str
+    subfolder: str = "vae"
+
+    def folder(self, source: Optional[str]) -> str:
+        """A folder holding config.json and the weights: `source` (or its `subfolder`), else the HF cache/hub."""
+        if source is None:
+            names = [f"{self.subfolder}/{name}" for name in VAE_FILES]
+            config = hub_file(self.hub_id, names[:1])
+            if config is None or hub_file(self.hub_id, names[1:]) is None:  # `or`: one network wait, not two
+                raise UserError(f"VAE weights not found: download {self.hub_id} ({', '.join(names)}) "
+                                "or pass --vae FOLDER")
+            return os.path.dirname(config)
+        for folder in (source, os.path.join(source, self.subfolder)):
+            if os.path.isfile(os.path.join(folder, "config.json")):
+                return folder
+        raise UserError(f"VAE not found: {source} (expected a diffusers AutoencoderKL folder with "
+                        f"{' and '.join(VAE_FILES)})")
+
+    def build(self, source: Optional[str], dtype: torch.dtype, seed: int) -> SDXLVAECodec:
+        folder = self.folder(source)
+        try:
+            vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"cannot load the VAE in {folder} ({_first_line(e)})") from None
+        return SDXLVAECodec(vae)
+
+
+@dataclass(frozen=True)
+class RandomVAE:
+    """A tiny AutoencoderKL with random weights; one level per entry of block_out_channels, all but the last
+    downsampling by 2 (four levels: x8, like the SDXL VAE)."""
+
+    block_out_channels: tuple = (8, 8, 16, 16)
+    latent_channels: int = 4
+    norm_num_groups: int = 4
+    scaling_factor: float = 0.13025
+
+    def build(self, source: Optional[str], dtype: torch.dtype, seed: int) -> SDXLVAECodec:
+        _no_source(source, "--vae")
+        levels = len(self.block_out_channels)
+        with _seeded(seed):
+            vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels,
+                                up_block_types=("UpDecoderBlock2D",) * levels,
+                                block_out_channels=self.block_out_channels, latent_channels=self.latent_channels,
+                                norm_num_groups=self.norm_num_groups, scaling_factor=self.scaling_factor)
+        return SDXLVAECodec(vae if dtype == torch.float32 else vae.to(dtype))  # .to() warns even for fp32
+
+
+class IdentityCodec(nn.Module):
+    """Pixels as latents (the shapes world): latents are images in [-1, 1]; `decode` maps them to [0, 1]."""
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return ((latents.float() + 1) / 2).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class PixelCodec:
+    def build(self, source: Optional[str], dtype: torch.dtype, seed: int) -> IdentityCodec:
+        _no_source(source, "--vae")
+        return IdentityCodec()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets
+
+class TextEncoderSpec(Protocol):
+    width: int
+
+    def build(self, source: Optional[str], seed: int) -> TextEncoder: ...
+
+
+class CodecSpec(Protocol):
+    def build(self, source: Optional[str], dtype: torch.dtype, seed: int) -> nn.Module: ...
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything one teacher needs. dit_arch names a builder in microdit (`MicroDiT_XL_2`, `DiT`, ...) called
+    with dit_kwargs. latent_shape = (C, h, w) of the DiT input; image_size = decoded side in pixels.
+    teacher: default checkpoint, relative to the repo; random_dit: with no teacher, draw the DiT from the seed."""
+
+    name: str
+    dit_arch: str
+    dit_kwargs: dict
+    latent_shape: tuple
+    image_size: int
+    text_encoder: TextEncoderSpec  # OpenCLIPText, RandomText
+    codec: CodecSpec  # PretrainedVAE, RandomVAE
+    teacher_hint: str
+    edm_config: EDMConfig = EDM
+    guidance_scale: float = 5.0
+    num_steps: int = 30
+    teacher: Optional[str] = None
+    random_dit: bool = False
+    prompt_source: Optional[Callable[[int, int], list]] = None  # (num, seed) -> prompts, for a preset's own world
+
+
+MICRODIT_XL_512 = Preset(
+    name="microdit-xl-512",
+    dit_arch="MicroDiT_XL_2",
+    dit_kwargs=dict(input_size=64, pos_interp_scale=2.0, in_channels=4, caption_channels=1024),
+    latent_shape=(4, 64, 64),
+    image_size=512,
+    text_encoder=OpenCLIPText(hub_id=DFN5B_HUB_ID, config="ViT-H-14-378-quickgelu", width=1024),
+    codec=PretrainedVAE(hub_id=SDXL_HUB_ID, subfolder="vae"),
+    # Sampling constants as EDM; the 512 px training configs draw ln(sigma) ~ N(0, 0.6^2) (res_512_*.yaml).
+    edm_config=EDMConfig(P_mean=0.0, P_std=0.6),
+    teacher_hint="download ckpts/dit_4_channel_0.5B_synthetic_data.pt from https://huggingface.co/VSehwag24/MicroDiT "
+                 "(the SonyResearch/micro_diffusion release)",
+)
+
+_TINY_RANDOM_TEXT = RandomText(width=32, layers=2, heads=2)
+TINY_RANDOM = Preset(
+    name="tiny-random",
+    dit_arch="DiT",
+    # Small, but with every code path of the XL model: patch mixer, expert-choice MoE, per-block multipliers.
+    dit_kwargs=dict(input_size=8, patch_size=2, in_channels=4, dim=64, depth=4, head_dim=16, multiple_of=32,
+                    caption_channels=_TINY_RANDOM_TEXT.width, pos_interp_scale=1.0,
+                    qkv_multipliers=np.linspace(0.5, 1.0, 4).tolist(),
+                    ffn_multipliers=np.linspace(0.5, 4.0, 4).tolist(),
+                    use_patch_mixer=True, patch_mixer_depth=2, patch_mixer_dim=48, patch_mixer_qkv_ratio=1.0,
+                    patch_mixer_mlp_ratio=4.0, use_bias=False, num_experts=4, expert_capacity=2.0, experts_every_n=2),
+    latent_shape=(4, 8, 8),
+    image_size=64,
+    text_encoder=_TINY_RANDOM_TEXT,
+    codec=RandomVAE(),
+    teacher_hint="none needed: the DiT, VAE and text tower are random from --seed",
+    random_dit=True,
+)
+
+# The embedded default: the shapes world (shapes.py) at 32x32 pixels, a 64-token MicroDiT with a patch mixer and
+# MoE blocks, trained by `python train_teacher.py`. sigma_data = shapes.pixel_std() (0.787); P_mean/P_std are
+# EDM's pixel-space values (Karras et al. 2022, Table 1, CIFAR-10).
+_TINY_TEXT = RandomText(width=64, layers=2, heads=4, seed=0)
+TINY = Preset(
+    name="tiny",
+    dit_arch="DiT",
+    dit_kwargs=dict(input_size=32, patch_size=4, in_channels=3, dim=96, depth=6, head_dim=16, multiple_of=32,
+                    caption_channels=_TINY_TEXT.width, pos_interp_scale=1.0,
+                    qkv_multipliers=np.linspace(0.5, 1.0, 6).tolist(), ffn_multipliers=np.linspace(0.5, 4.0, 6).tolist(),
+                    use_patch_mixer=True, patch_mixer_depth=2, patch_mixer_dim=64, patch_mixer_qkv_ratio=1.0,
+                    patch_mixer_mlp_ratio=4.0, use_bias=False, num_experts=4, expert_capacity=2.0, experts_every_n=2),
+    latent_shape=(3, 32, 32),
+    image_size=32,
+    text_encoder=_TINY_TEXT,
+    codec=PixelCodec(),
+    teacher_hint="weights/tiny_teacher.safetensors ships with the project; `python train_teacher.py` rebuilds it",
+    edm_config=EDMConfig(sigma_data=0.79, P_mean=-1.2, P_std=1.2),
+    teacher="weights/tiny_teacher.safetensors",
+    prompt_source=lambda num, seed: shapes.captions(shapes.sample_attributes(num, seed)),
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, MICRODIT_XL_512, TINY_RANDOM)}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pipeline
+
+def build_dit(preset: Preset, teacher: Optional[str] = None, seed: int = 0) -> nn.Module:
+    """The preset's DiT, float32 on the CPU, trainable: `teacher` weights (default: the preset's own), else
+    (random_dit presets only) a fresh initialisation drawn from `seed`."""
+    builder = getattr(microdit, preset.dit_arch)
+    if teacher is None and preset.teacher is not None:
+        teacher = os.path.join(REPO_DIR, preset.teacher)
+    if teacher is None:
+        if not preset.random_dit:
+            raise UserError(f"preset {preset.name} needs --teacher PATH: {preset.teacher_hint}")
+        with _seeded(seed):
+            return builder(**preset.dit_kwargs)
+    if not os.path.isfile(teacher):
+        raise UserError(f"teacher checkpoint not found: {teacher}; {preset.teacher_hint}")
+    with torch.device("meta"):  # skip the random initialisation that the checkpoint overwrites
+        dit = builder(**preset.dit_kwargs)
+    dit.to_empty(device="cpu")  # every parameter and buffer is in the strict state dict, so all get loaded
+    microdit.load_dit_weights(dit, teacher)
+    return dit
+
+
+def _frozen(module: nn.Module, device: torch.device, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    return module.requires_grad_(False).eval().to(device=device, dtype=dtype)
+
+
+class Pipeline:
+    """A frozen teacher DiT (in `dtype`), its codec (VAE, in `vae_dtype`) and text encoder (float32), on `device`.
+
+    Sampling in a dtype other than float32 runs under `torch.autocast(device.type, dtype)` (as
+    `sampler.generate_images` does): the samplers feed the DiT float32 inputs.
+    """
+
+    def __init__(self, preset: Preset, dit: nn.Module, text_encoder: TextEncoder, codec: nn.Module,
+                 device: torch.device, dtype: torch.dtype):
+        self.name, self.preset = preset.name, preset
+        self.dit, self.text_encoder, self.codec = dit, text_encoder, codec
+        self.edm_config = preset.edm_config
+        self.latent_shape, self.image_size = tuple(preset.latent_shape), preset.image_size
+        self.device, self.dtype = torch.device(device), dtype
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """B prompts -> caption embeddings (B, 1, 77, D) float32 on `device`."""
+        return self.text_encoder.encode(prompts)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, *latent_shape) -> images (B, 3, image_size, image_size) float32 in [0, 1] on `device`."""
+        return self.codec.decode(latents.to(self.device))
+
+
+def load_pipeline(
+    preset: str,
+    teacher: Optional[str] = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    vae: Optional[str] = None,
+    text_encoder: Optional[str] = None,
+    vae_dtype: Optional[torch.dtype] = None,
+) -> Pipeline:
+    """Build preset `preset` (a name in PRESETS): DiT from `teacher` (or random from `seed` for tiny-random),
+    VAE from the `vae` folder and text tower from the `text_encoder` path (else the HF cache/hub), all frozen.
+    The DiT runs in `dtype`, the VAE in `vae_dtype` (default `dtype`), the text encoder in float32."""
+    p = get_preset(preset)
+    device = torch.device(device)
+    dit = _frozen(build_dit(p, teacher, seed), device, dtype)
+    encoder = _frozen(p.text_encoder.build(text_encoder, seed), device, torch.float32)
+    if encoder.width != dit.caption_channels:
+        raise UserError(f"text encoder width {encoder.width} does not match the DiT's caption_channels "
+                        f"{dit.caption_channels} (preset {p.name})")
+    codec = _frozen(p.codec.build(vae, vae_dtype or dtype, seed), device)
+    return Pipeline(p, dit, encoder, codec, device, dtype)
+
+
+def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
+    """The command-line options every script that loads a pipeline shares; see `pipeline_from_args`."""
+    parser.add_argument("--preset", default=MICRODIT_XL_512.name, help=f"one of: {', '.join(PRESETS)}")
+    parser.add_argument("--teacher", help="teacher DiT checkpoint (.pt/.safetensors)")
+    parser.add_argument("--vae", help="local diffusers AutoencoderKL folder instead of the preset's hub VAE "
+                                      "(e.g. madebyollin/sdxl-vae-fp16-fix for fp16)")
+    parser.add_argument("--text-encoder", help="local open_clip weights file or folder instead of the hub's")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="DiT dtype")
+    parser.add_argument("--vae-dtype", choices=list(DTYPES), help="VAE dtype (default: --dtype)")
+
+
+def pipeline_from_args(args: argparse.Namespace, device: str | torch.device = "cpu", seed: int = 0) -> Pipeline:
+    """`load_pipeline` from the options of `add_pipeline_args`; `seed` draws the random parts of tiny-random."""
+    return load_pipeline(args.preset, teacher=args.teacher, device=device, dtype=DTYPES[args.dtype], seed=seed,
+                         vae=args.vae, text_encoder=args.text_encoder,
+                         vae_dtype=DTYPES[args.vae_dtype] if args.vae_dtype else None)
