@@ -143,7 +143,7 @@ def initial_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
     return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
-SampleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SampleFn = Callable[[torch.Tensor, torch.Tensor, Sequence[int]], torch.Tensor]
 
 
 @torch.no_grad()
@@ -158,8 +158,9 @@ def generate_images(
 ) -> dict[str, torch.Tensor]:
     """Text -> image with a `pipeline.Pipeline`, one image per (prompt, seed), batch by batch.
 
-    Per batch: one text-encoder call, `sample_fn(noise, y) -> latents` (default: the teacher's `edm_sample` with
-    num_steps and guidance_scale; the consistency sampler plugs in here for a student), one codec decode.
+    Per batch: one text-encoder call, `sample_fn(noise, y, batch_seeds) -> latents` (default: the teacher's
+    `edm_sample` with num_steps and guidance_scale; a student plugs in `consistency_sample` here, with
+    `multistep_noise(batch_seeds, ...)`), one codec decode.
     The network runs under autocast in `pipe.dtype` when that is not float32; noise comes from `initial_noise`
     (unit variance), so image i depends on prompts[i] and seeds[i] only.
     Returns CPU float32 tensors: images (N, 3, H, W) in [0, 1], latents (N, C, h, w), embeddings (N, 1, 77, D).
@@ -167,15 +168,16 @@ def generate_images(
     if not prompts or len(prompts) != len(seeds):
         raise ValueError(f"need one seed per prompt (>0), got {len(prompts)} prompts and {len(seeds)} seeds")
     if sample_fn is None:
-        def sample_fn(noise: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def sample_fn(noise: torch.Tensor, y: torch.Tensor, batch_seeds: Sequence[int]) -> torch.Tensor:
             return edm_sample(pipe.dit, noise, y, num_steps, guidance_scale, pipe.edm_config)
     device = torch.device(pipe.device)
     out: dict[str, list[torch.Tensor]] = {"images": [], "latents": [], "embeddings": []}
     for start in range(0, len(prompts), batch_size):
+        batch_seeds = seeds[start:start + batch_size]
         y = pipe.encode_prompts(list(prompts[start:start + batch_size]))
-        noise = initial_noise(seeds[start:start + batch_size], pipe.latent_shape).to(device)
+        noise = initial_noise(batch_seeds, pipe.latent_shape).to(device)
         with torch.autocast(device.type, dtype=pipe.dtype, enabled=pipe.dtype != torch.float32):
-            latents = sample_fn(noise, y).float()
+            latents = sample_fn(noise, y, batch_seeds).float()
         out["images"].append(pipe.decode(latents).float().cpu())
         out["latents"].append(latents.cpu())
         out["embeddings"].append(y.float().cpu())
@@ -198,6 +200,15 @@ def consistency_sigmas(num_steps: int, edm_config: EDMConfig = EDM) -> torch.Ten
     return sigmas[:num_steps]
 
 
+def multistep_noise(seeds: Sequence[int], num_steps: int, shape: Sequence[int]) -> list[torch.Tensor]:
+    """The fresh unit noise a multistep consistency sampler adds before steps 2..num_steps: num_steps - 1 tensors
+    (B, *shape) float32 on the CPU; image b's noise before step k comes from the seed (seeds[b], k) only, so it
+    does not depend on the batch, like `initial_noise`."""
+    def derived(seed: int, k: int) -> int:
+        return int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0])
+    return [initial_noise([derived(s, k) for s in seeds], shape) for k in range(1, num_steps)]
+
+
 @torch.no_grad()
 def consistency_sample(
     student_fwd: ModelFwd,
@@ -209,6 +220,7 @@ def consistency_sample(
     generator: Optional[torch.Generator] = None,
     gamma: float = 1.0,
     guidance: Optional[Union[float, torch.Tensor]] = None,
+    step_noise: Optional[Sequence[torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1): unit `noise` (B, ...) -> latents.
 
@@ -218,7 +230,8 @@ def consistency_sample(
     sigma_max). gamma (TCD's strategic stochastic sampling, arXiv 2402.19159), in [0, 1]: from x at sigma_cur go
     deterministically to sigma_s = (1 - gamma) sigma_next along the student's own noise estimate
     (x - x0) / sigma_cur, then add fresh noise up to sigma_next. gamma = 1 (default) is CM Algorithm 1 (fresh
-    noise only), gamma = 0 is deterministic. Noise draws come from `generator` (on noise's device).
+    noise only), gamma = 0 is deterministic. The fresh noise is `step_noise` (one unit tensor shaped like noise per
+    step after the first; see `multistep_noise`), else drawn from `generator` (on noise's device).
     guidance: a w-conditioned student's w, float or (B,), passed as `guidance=` (B,) float32.
     Returns float32 latents shaped like `noise`.
     """
@@ -231,6 +244,8 @@ def consistency_sample(
         raise ValueError(f"sigmas must be a non-empty strictly descending list of positive values, got {sigmas}")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if step_noise is not None and len(step_noise) != len(sigmas) - 1:
+        raise ValueError(f"step_noise has {len(step_noise)} tensors for {len(sigmas)} steps (need one per step after the first)")
     B = noise.shape[0]
     kwargs = {}
     if guidance is not None:
@@ -241,10 +256,11 @@ def consistency_sample(
 
     x = noise.to(torch.float32) * sigmas[0]
     x0 = f(x, sigmas[0]).float()
-    for s_cur, s_next in zip(sigmas[:-1], sigmas[1:]):
+    for i, (s_cur, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         s_mid = (1.0 - gamma) * s_next
         x = x0 + (s_mid / s_cur) * (x - x0)  # deterministic move to s_mid (DDIM with the student's x0)
-        z = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=torch.float32)
+        z = (torch.randn(noise.shape, generator=generator, device=noise.device, dtype=torch.float32)
+             if step_noise is None else step_noise[i].to(device=noise.device, dtype=torch.float32))
         x = x + (s_next**2 - s_mid**2) ** 0.5 * z
         x0 = f(x, s_next).float()
     return x0

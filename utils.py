@@ -23,6 +23,12 @@ def run_cli(main: Callable[[], None]) -> None:
         sys.exit(2)
 
 
+def first_line(e: BaseException) -> str:
+    """"ExcType: first line of the message": an exception folded into a one-line UserError."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
 def atomic_write(path: str, write_fn: Callable[[str], None]) -> None:
     """Write `path` all-or-nothing: `write_fn(tmp)` writes a temp file in the same folder, then it is renamed."""
     folder = os.path.dirname(os.path.abspath(path))

@@ -13,7 +13,7 @@ from cd_utils import (
     teacher_ode_step,
 )
 from gmm import GMMTeacher, MLPDenoiser, fit_denoiser, sample_data, sliced_wasserstein
-from sampler import consistency_sample, consistency_sigmas, edm_sample
+from sampler import consistency_sample, consistency_sigmas, edm_sample, multistep_noise
 from utils import UserError
 
 W = 5.0  # the teacher's cfg scale in the GMM tests
@@ -125,6 +125,25 @@ def test_consistency_sample_gamma():
         consistency_sample(net, noise, y, sigmas=[1.0, 2.0])
     with pytest.raises(ValueError):
         consistency_sample(net, noise, y, sigmas=sigmas, gamma=1.5)
+
+
+def test_consistency_sample_step_noise_is_per_image():
+    """Given per-image step noise (`multistep_noise`), image i does not depend on the batch it is sampled in."""
+    net = ToyNet()
+    seeds, noise, y = [11, 12, 13], randn(3, 2, 2, 2), randn(3, 2)
+    chunks = multistep_noise(seeds, 4, (2, 2, 2))
+    assert len(chunks) == 3 and all(c.shape == (3, 2, 2, 2) for c in chunks)
+    assert all(torch.equal(c[1:], d) for c, d in zip(chunks, multistep_noise(seeds[1:], 4, (2, 2, 2))))
+    assert not torch.equal(chunks[0], chunks[1])  # a fresh draw per step
+    whole = consistency_sample(net, noise, y, num_steps=4, step_noise=chunks)
+    part = consistency_sample(net, noise[1:], y[1:], num_steps=4, step_noise=multistep_noise(seeds[1:], 4, (2, 2, 2)))
+    torch.testing.assert_close(whole[1:], part)
+    x0 = consistency_forward(noise * EDM.sigma_max, EDM.sigma_max, y, net)  # CM Algorithm 1 with the given noise
+    for z, s in zip(chunks, consistency_sigmas(4)[1:].tolist()):
+        x0 = consistency_forward(x0 + s * z, s, y, net)
+    torch.testing.assert_close(whole, x0)
+    with pytest.raises(ValueError, match="step_noise"):
+        consistency_sample(net, noise, y, num_steps=4, step_noise=chunks[:2])
 
 
 def test_consistency_sample_guidance_kwarg():
