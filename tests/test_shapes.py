@@ -23,13 +23,17 @@ def test_generator_is_deterministic_per_item():
 
 
 def test_render_range_and_attribute_distribution():
-    images, attrs = shapes.sample(2000, seed=0)
-    assert images.shape == (2000, 3, 32, 32) and images.dtype == torch.float32
+    images, attrs = shapes.sample(1000, seed=0)
+    assert images.shape == (1000, 3, 32, 32) and images.dtype == torch.float32
     assert images.min() >= -1 and images.max() <= 1
     color, bg = shapes.ATTRIBUTES.index("color"), shapes.ATTRIBUTES.index("background")
     assert (attrs[:, color] != attrs[:, bg]).all()
     for k, n in enumerate(shapes.NUM_CLASSES):
         assert set(attrs[:, k].tolist()) == set(range(n))
+
+
+def test_pixel_std_constant_matches_measurement():
+    assert shapes.pixel_std(2000, seed=7) == pytest.approx(shapes.PIXEL_STD, abs=0.01)
 
 
 def test_captions_parse_back_for_all_combinations():
@@ -86,8 +90,9 @@ def test_shapes_fd_floor_vs_corruptions(held_out):
     attrs[:, shapes.ATTRIBUTES.index("shape")] = 0  # mode collapse: every object a circle
     circles = (shapes.render(attrs, shapes.sample_jitter(300, 12345, 300)) + 1) / 2
     assert 0 <= floor
-    for corrupted in (blurred, gray, circles):
-        assert shapes.shapes_fd(a, corrupted) > 3 * floor
+    assert shapes.shapes_fd(a, blurred) > 2.5 * floor  # about 3.7x with the shipped classifier
+    for corrupted in (gray, circles):
+        assert shapes.shapes_fd(a, corrupted) > 5 * floor
     assert shapes.shapes_fd(a, a) == pytest.approx(0, abs=1e-6 * floor + 1e-6)
 
 
