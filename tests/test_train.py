@@ -1,0 +1,211 @@
+"""train.py on the tiny-random preset (CPU): loss falls, exact resume, exports, guard rails, two processes."""
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, PartialState
+from safetensors.torch import load_file
+
+import generate_data
+import train
+from cd_utils import CDConfig, cd_loss
+from dataset import LatentCaptionDataset
+from microdit import load_dit_weights
+from pipeline import build_dit, get_preset
+from utils import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["a red circle", "a blue square on green", "a photo of a cat", "two dogs", "a house",
+           "a tree at night", "a yellow star", "the sea"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_fresh_accelerate_state():
+    """Tiny kernels on a shared CPU: one thread. train() sets up accelerate's process-wide state: reset it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Teacher data of the tiny-random preset: 8 prompts, 2 Heun steps (generate_data's own function)."""
+    folder = tmp_path_factory.mktemp("train")
+    (folder / "prompts.json").write_text(json.dumps(PROMPTS))
+    generate_data.main(["--prompts", str(folder / "prompts.json"), "--out", str(folder / "data"), "--preset",
+                        "tiny-random", "--steps", "2", "--batch-size", "8", "--device", "cpu"])
+    PartialState._reset_state()
+    return str(folder / "data")
+
+
+def run(data_dir, out_dir, *extra):
+    """train() on tiny-random, validated only at the end on one sample (the teacher is rendered once)."""
+    argv = ["--preset", "tiny-random", "--data-dir", data_dir, "--out-dir", str(out_dir), "--batch-size", "4",
+            "--val-every", "0", "--val-samples", "1", "--cpu", *map(str, extra)]
+    return train.train(train.parse_args(argv))
+
+
+def load_checkpoint(out_dir, step):
+    return torch.load(train.checkpoint_path(str(out_dir), step), weights_only=True)
+
+
+def tensors(tree, prefix=""):
+    """{path: tensor} of every tensor in a nested dict/list (a checkpoint)."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return {k: v for key, sub in items for k, v in tensors(sub, f"{prefix}/{key}").items()}
+
+
+def fixed_batch_loss(model, teacher, data_dir, cd):
+    """The CD loss of `model` (as student and target) on every training item, averaged over 4 fixed noise draws."""
+    ds = LatentCaptionDataset(data_dir)
+    x0 = torch.stack([ds[i]["latents"] for i in range(len(ds))]).float()
+    y = torch.stack([ds[i]["embeddings"] for i in range(len(ds))]).float()
+    edm = get_preset("tiny-random").edm_config
+    with torch.no_grad():
+        return sum(cd_loss(model, model, teacher, x0, y, cd, edm, torch.Generator().manual_seed(s))[0].item()
+                   for s in range(4)) / 4
+
+
+def test_a_few_steps_lower_the_loss(data_dir, tmp_path):
+    args = ["--recipe", "seed", "--steps", 20, "--batch-size", 8, "--lr", 3e-3, "--warmup", 0, "--ema", 0]
+    result = run(data_dir, tmp_path, *args)
+    teacher = build_dit(get_preset("tiny-random")).eval()
+    student = build_dit(get_preset("tiny-random")).eval()
+    load_dit_weights(student, result["student"])  # strict: the official layout
+    cd = CDConfig.seed_recipe()
+    before = fixed_batch_loss(copy.deepcopy(teacher), teacher, data_dir, cd)
+    after = fixed_batch_loss(student, teacher, data_dir, cd)
+    assert after < 0.85 * before, (before, after)
+    log = [json.loads(line) for line in open(result["log"])]
+    assert [r["step"] for r in log] == list(range(1, 21))
+    assert {"loss", "lr", "grad_norm", "samples_per_s", "peak_mem_gb", "sigma", "gap", "w"} <= set(log[0])
+    for name in ("training_loss.png", "val/step_000020.png", "config.json", train.STUDENT_FILE):
+        assert os.path.isfile(tmp_path / name), name
+    assert not os.path.exists(tmp_path / train.GUIDANCE_FILE)
+
+
+def test_resume_after_ctrl_c_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    """6 steps straight == Ctrl-C during step 3 (finishes it, checkpoints, stops) + --resume auto: every tensor of
+    the final checkpoint (student, EMA target, slow EMA, optimizer, loss generator) is identical."""
+    common = ["--steps", 6, "--batch-size", 2, "--grad-accum", 2, "--ema", 0.9, "--target-decay", 0.5,
+              "--ckpt-every", 4, "--lr", 1e-3]
+    run(data_dir, tmp_path / "straight", *common)
+
+    calls = []
+
+    def cd_loss_then_ctrl_c(*a, **kw):
+        calls.append(1)
+        if len(calls) == 5:  # first micro-step of step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return cd_loss(*a, **kw)
+
+    monkeypatch.setattr(train, "cd_loss", cd_loss_then_ctrl_c)
+    stopped = run(data_dir, tmp_path / "resumed", *common)
+    assert stopped["interrupted"] and stopped["step"] == 3 and stopped["checkpoint"].endswith("ckpt_000003.pt")
+    assert not os.path.exists(tmp_path / "resumed" / train.STUDENT_FILE)
+    with pytest.raises(UserError, match="already has checkpoints: pass --resume auto"):
+        run(data_dir, tmp_path / "resumed", *common)
+    monkeypatch.setattr(train, "cd_loss", cd_loss)
+    AcceleratorState._reset_state(True)
+    resumed = run(data_dir, tmp_path / "resumed", *common, "--resume", "auto")
+    assert resumed["step"] == 6 and not resumed["interrupted"]
+
+    a, b = load_checkpoint(tmp_path / "straight", 6), load_checkpoint(tmp_path / "resumed", 6)
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    assert any(k.startswith("/target/") for k in ta) and any(k.startswith("/ema/") for k in ta)
+    differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not differ, differ[:5]
+    rng = train.read_rng_state(a["rng"][0])
+    assert {"python", "numpy", "torch", "cuda", "loss"} <= set(rng) and rng["loss"].dtype == torch.uint8
+    assert torch.equal(load_file(tmp_path / "straight" / train.STUDENT_FILE)["final_layer.linear.weight"],
+                       load_file(tmp_path / "resumed" / train.STUDENT_FILE)["final_layer.linear.weight"])
+    log = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / train.LOG_FILE)]
+    assert log == list(range(1, 7))
+    assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path / "resumed"))] == \
+        ["ckpt_000004.pt", "ckpt_000006.pt"]  # --keep-ckpts 2
+
+
+def test_grad_checkpointing_gives_the_same_weights(data_dir, tmp_path):
+    plain = run(data_dir, tmp_path / "plain", "--steps", 2)
+    ckpt = run(data_dir, tmp_path / "ckpt", "--steps", 2, "--grad-checkpointing")
+    a, b = load_file(plain["student"]), load_file(ckpt["student"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_per_sample_w_exports_the_guidance_embedder(data_dir, tmp_path):
+    # 3 steps: the zero-initialised final layer, then adaLN, then the embeddings receive gradients
+    result = run(data_dir, tmp_path, "--steps", 3, "--w-min", 2, "--w-max", 6, "--lr", 1e-3)
+    assert result["guidance_embedder"].endswith(train.GUIDANCE_FILE)
+    student = build_dit(get_preset("tiny-random"))
+    load_dit_weights(student, result["student"])  # strict: no guidance keys in the official file
+    guidance = load_file(result["guidance_embedder"])
+    assert guidance and all(k.startswith("guidance_embedder.") for k in guidance)
+    student.add_guidance_embedder()
+    assert student.load_state_dict(guidance, strict=False).unexpected_keys == []
+    assert guidance["guidance_embedder.mlp.2.weight"].abs().sum() > 0  # trained away from its zero init
+
+
+def test_images_and_captions_are_encoded_on_the_fly(data_dir, tmp_path):
+    images_only = tmp_path / "images_only"
+    shutil.copytree(os.path.join(data_dir, "images"), images_only / "images")
+    shutil.copy(os.path.join(data_dir, "captions.json"), images_only)
+    result = run(str(images_only), tmp_path / "run", "--steps", 2)
+    assert result["step"] == 2 and os.path.isfile(result["student"])
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def nan_from_step_3(*a, **kw):
+        calls.append(1)
+        loss, stats = cd_loss(*a, **kw)
+        return (loss * float("nan"), stats) if len(calls) >= 3 else (loss, stats)
+
+    monkeypatch.setattr(train, "cd_loss", nan_from_step_3)
+    with pytest.raises(UserError, match=r"non-finite loss \(nan\).* at step 3; .*last good checkpoint: .*ckpt_000002"):
+        run(data_dir, tmp_path, "--steps", 6, "--ckpt-every", 2)
+    assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path))] == ["ckpt_000002.pt"]
+    ckpt = load_checkpoint(tmp_path, 2)
+    assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["student"].values())
+
+
+def test_cli_flags_cover_cd_config():
+    assert set(train.CD_FLAGS) == {f.name for f in dataclasses.fields(CDConfig)} - {"guidance_range"}
+    args = train.parse_args(["--preset", "tiny-random", "--recipe", "seed", "--num-scales", "20", "--w-min", "2",
+                             "--w-max", "8", "--steps", "7"])
+    cd = train.cd_config_from_args(args)
+    assert cd == CDConfig.seed_recipe(num_scales=20, guidance_range=(2.0, 8.0))
+    assert args.steps == 7 and args.batch_size == train.PRESET_DEFAULTS["tiny-random"]["batch_size"]
+    assert train.parse_args([]).data_dir == train.PRESET_DEFAULTS["tiny"]["data_dir"]
+    with pytest.raises(UserError, match="--w-min and --w-max go together"):
+        train.cd_config_from_args(train.parse_args(["--w-min", "2"]))
+    with pytest.raises(UserError, match="--steps must be >= 1"):
+        train.parse_args(["--steps", "0"])
+
+
+def test_two_processes_under_accelerate(data_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # `--multi_gpu` starts torchrun workers; on a machine without CUDA train.py joins them over gloo on the CPU.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py",
+           "--preset", "tiny-random", "--data-dir", data_dir, "--out-dir", str(tmp_path), "--steps", "2",
+           "--batch-size", "2", "--val-every", "0", "--val-samples", "1", "--cpu"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "= 4 samples/step" in result.stdout  # batch 2 x 2 processes
+    assert json.loads((tmp_path / "config.json").read_text())["world_size"] == 2
+    assert len(load_checkpoint(tmp_path, 2)["rng"]) == 2  # both ranks' generator states
+    load_dit_weights(build_dit(get_preset("tiny-random")), str(tmp_path / train.STUDENT_FILE))
