@@ -1,0 +1,558 @@
+"""Benchmark distilled students beside their teacher: few-step images, speed and quality in one report.
+
+    python benchmark.py                                   # tiny preset, CPU, runs/cd-tiny/student_final.safetensors
+    python benchmark.py --steps 1 2 4 8 --compare-teacher --teacher-steps 2 4
+    python benchmark.py --preset microdit-xl-512 --teacher dit_4_channel_0.5B_synthetic_data.pt --device cuda \
+        --dtype bf16 --student runs/a/student_final.safetensors runs/b/student_final.safetensors --compare-teacher
+
+Prompts: the first --num-prompts of --prompts-file (.tsv/.csv/.json/.jsonl/.txt, `sampler.load_prompts`); by default
+PartiPrompts.tsv from the working directory, else from the user cache (PARTI_CACHE), else downloaded once from
+PARTI_URL into that cache (not with HF_HUB_OFFLINE=1; offline, a one-line error says where to get it). A preset with
+prompts of its own (the shapes world of `tiny`) defaults to those, drawn from --seed: its teacher knows only that
+grammar.
+Image i of every configuration starts from the noise of seed --seed + i (`sampler.initial_noise`), whatever the
+batch size; a multistep student's fresh noise before step k is drawn from the seed (--seed + i, k).
+
+Students: each --student is a DiT state dict in the official layout (train.py's student_final.safetensors; the
+default is the one `python train.py --preset PRESET` writes, runs/cd-tiny/ for tiny); a sibling
+guidance_embedder.safetensors makes it w-conditioned, sampled with guidance=--student-guidance.
+Output in --out (default output/):
+    teacher_30steps/, teacher_{N}steps/ (--compare-teacher, --teacher-steps), {label}_{N}steps/ per student, or
+    parti_prompts_{N}steps/ for a single student without --labels (the reference layout); each holds NNNN.png and
+    prompts.txt ("NNNN.png<TAB>prompt" per line);
+    grid.png (rows: the first --grid-rows prompts; columns: the configurations), report.json, report.md.
+Speed: network passes (NFE) per image, and end-to-end wall time (text encoding + sampling + decoding, PNG writing
+excluded) per batch and per image, after one untimed warm-up batch per batch shape, synchronising CUDA.
+Quality, where the models are here: CLIP score (open_clip, --clip-model); Inception FD to the teacher-30 images
+(torchmetrics or clean-fid, only when installed with their weights); on the shapes world, prompt adherence and
+shapes-FD both to the teacher-30 images and to real images rendered for the same captions ("data").
+"""
+import argparse
+import os
+import re
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import shapes
+from microdit import read_state_dict
+from pipeline import (DFN5B_HUB_ID, MICRODIT_XL_512, TINY, Pipeline, Preset, add_pipeline_args, build_dit, get_preset,
+                      pipeline_from_args)
+from sampler import (SampleFn, consistency_sample, edm_sample, generate_images, load_prompts, multistep_noise,
+                     to_uint8)
+from train import GUIDANCE_FILE, GUIDANCE_PREFIX, PRESET_DEFAULTS, STUDENT_FILE
+from utils import UserError, atomic_write, atomic_write_json, atomic_write_text, first_line, run_cli
+
+PARTI_URL = "https://raw.githubusercontent.com/google-research/parti/main/PartiPrompts.tsv"  # Apache-2.0
+PARTI_FILE = "PartiPrompts.tsv"
+PARTI_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "microdit_cd", PARTI_FILE)
+REFERENCE_PREFIX = "parti_prompts"  # folder prefix of a single student without --labels
+DEFAULT_CLIP = f"hf-hub:{DFN5B_HUB_ID}"
+DATA = "data (rendered)"  # the shapes world's reference row: real images for the benchmark's captions
+
+@dataclass
+class Config:
+    """One way of making images: a model, a sampler and a step count."""
+
+    label: str  # "teacher" or the student's label
+    folder: str  # image folder under --out
+    kind: str  # "teacher" or "student"
+    steps: int
+    nfe: int  # network passes per image (a guided pass counts twice)
+    guidance: Optional[float]  # teacher cfg scale; a w-conditioned student's w; None for a plain student
+    sample: SampleFn  # (unit noise (B, C, h, w), caption embeddings, the B seeds) -> latents
+
+    @property
+    def name(self) -> str:
+        return f"{self.label} {self.steps} step{'' if self.steps == 1 else 's'}"
+
+
+def teacher_nfe(steps: int, guidance: float) -> int:
+    """Heun: 2*steps - 1 calls (the last step is Euler), each a cond + uncond pair when guidance > 1."""
+    return (2 * steps - 1) * (2 if guidance > 1.0 else 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts and students
+
+def get_prompts(args: argparse.Namespace, preset: Preset) -> tuple[list[str], str]:
+    """(the first --num-prompts prompts, where they come from): --prompts-file, else the preset's own prompts drawn
+    from --seed (the shapes world), else PartiPrompts.tsv in the working directory."""
+    if args.prompts_file:
+        path = args.prompts_file
+    elif preset.prompt_source is not None:
+        return preset.prompt_source(args.num_prompts, args.seed), f"the {preset.name} preset's prompts, seed {args.seed}"
+    else:
+        path = parti_prompts_file()
+    return load_prompts(path, args.prompt_column)[:args.num_prompts], path
+
+
+def parti_prompts_file(timeout_s: float = 20.0) -> str:
+    """PartiPrompts.tsv: the working directory's, else the cached copy (PARTI_CACHE), else downloaded once from
+    PARTI_URL into the cache; the download is checked to parse before it is kept. UserError when it cannot be had."""
+    for path in (PARTI_FILE, PARTI_CACHE):
+        if os.path.isfile(path):
+            return path
+    hint = f"put {PARTI_FILE} (from {PARTI_URL}) in the working directory or pass --prompts-file PATH"
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false"):
+        raise UserError(f"no prompt file (HF_HUB_OFFLINE is set, so nothing is downloaded): {hint}")
+    print(f"downloading {PARTI_URL} -> {PARTI_CACHE}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(PARTI_URL, timeout=timeout_s) as response:
+            data = response.read()
+    except (OSError, ValueError) as e:  # URLError, HTTPError and timeouts are OSErrors
+        raise UserError(f"no prompt file, and the download failed ({first_line(e)}): {hint}") from None
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        load_prompts(tmp)  # a proxy's error page must not be cached as the prompt list
+
+    atomic_write(PARTI_CACHE, write)
+    return PARTI_CACHE
+
+
+def student_labels(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(path, label, folder prefix) per --student; checks that the files exist and the labels are distinct."""
+    paths = args.student or [os.path.join(PRESET_DEFAULTS[args.preset]["out_dir"], STUDENT_FILE)]
+    for path in paths:
+        if not os.path.isfile(path):
+            hint = f"run `python train.py --preset {args.preset}` first" if not args.student else "check the path"
+            raise UserError(f"student not found: {path}; {hint} (or pass --student PATH)")
+    if args.labels and len(args.labels) != len(paths):
+        raise UserError(f"--labels names {len(args.labels)} students but --student gives {len(paths)}")
+    labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
+    labels = [re.sub(r"[^A-Za-z0-9._-]+", "_", label) for label in labels]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"students share a label ({', '.join(labels)}); name them with --labels")
+    prefixes = [REFERENCE_PREFIX] if len(paths) == 1 and not args.labels else labels
+    return list(zip(paths, labels, prefixes))
+
+
+def load_student(pipe: Pipeline, path: str) -> tuple[torch.nn.Module, bool]:
+    """A student DiT (frozen, on the pipeline's device and dtype) and whether it is w-conditioned (it has a sibling
+    GUIDANCE_FILE, as train.py exports it)."""
+    dit = build_dit(pipe.preset, path)
+    embedder = os.path.join(os.path.dirname(path), GUIDANCE_FILE)
+    w_conditioned = os.path.isfile(embedder)
+    if w_conditioned:
+        dit.add_guidance_embedder()
+        state = {k.removeprefix(GUIDANCE_PREFIX): v for k, v in read_state_dict(embedder).items()}
+        try:
+            dit.guidance_embedder.load_state_dict(state)
+        except RuntimeError as e:
+            raise UserError(f"{embedder} does not fit the student's guidance embedder ({first_line(e)})") from None
+    return dit.requires_grad_(False).eval().to(device=pipe.device, dtype=pipe.dtype), w_conditioned
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samplers
+
+def teacher_sampler(net: Callable, steps: int, guidance: float, pipe: Pipeline) -> SampleFn:
+    def sample(noise: torch.Tensor, y: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        return edm_sample(net, noise, y, steps, guidance, pipe.edm_config)
+    return sample
+
+
+def student_sampler(net: Callable, steps: int, guidance: Optional[float], pipe: Pipeline) -> SampleFn:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) on `consistency_sigmas(steps)`; the noise
+    added before step k is drawn per image (`multistep_noise`), so image i does not depend on its batch."""
+    def sample(noise: torch.Tensor, y: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        return consistency_sample(net, noise, y, num_steps=steps, edm_config=pipe.edm_config, guidance=guidance,
+                                  step_noise=multistep_noise(seeds, steps, noise.shape[1:]))
+    return sample
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation, timing, files
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_config(pipe: Pipeline, config: Config, prompts: Sequence[str], seeds: Sequence[int],
+               batch_size: int) -> tuple[np.ndarray, dict]:
+    """All images of one configuration, (N, H, W, 3) uint8, and its timings.
+
+    Each batch is one `generate_images` call timed end to end (text encoding, sampling, decoding). One untimed
+    warm-up call per batch shape (the first batch, and a smaller last one) absorbs lazy initialisation and
+    torch.compile.
+    """
+    batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
+
+    def generate(batch: list[int]) -> torch.Tensor:
+        return generate_images(pipe, [prompts[i] for i in batch], [seeds[i] for i in batch], batch_size=len(batch),
+                               sample_fn=config.sample)["images"]
+
+    for batch in {len(b): b for b in (batches[0], batches[-1])}.values():
+        generate(batch)
+    if pipe.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(pipe.device)
+    images, seconds = [], []
+    for batch in tqdm(batches, desc=config.name, unit="batch", leave=False):
+        sync(pipe.device)
+        start = time.perf_counter()
+        out = generate(batch)
+        sync(pipe.device)
+        seconds.append(time.perf_counter() - start)
+        images.append(to_uint8(out))
+    total = sum(seconds)
+    full = [s for s, b in zip(seconds, batches) if len(b) == batch_size] or seconds
+    timing = dict(batch_latency_s=sum(full) / len(full), latency_per_image_s=total / len(prompts),
+                  images_per_s=len(prompts) / total, total_s=total, timed_batches=len(seconds),
+                  peak_memory_gib=(torch.cuda.max_memory_allocated(pipe.device) / 2**30
+                                   if pipe.device.type == "cuda" else None))
+    return np.concatenate(images), timing
+
+
+def image_file(index: int, num_images: int) -> str:
+    """NNNN.png: zero-padded to max(4, digits of the largest index)."""
+    return f"{index:0{max(4, len(str(num_images - 1)))}d}.png"
+
+
+def write_folder(folder: str, prompts: Sequence[str], images: np.ndarray) -> None:
+    """NNNN.png per image and prompts.txt ("NNNN.png<TAB>prompt" per line; tabs and newlines in a prompt become
+    spaces); numbered PNGs left by an earlier, longer run are removed."""
+    names = [image_file(i, len(prompts)) for i in range(len(prompts))]
+    for name, image in zip(names, images):
+        atomic_write(os.path.join(folder, name), lambda tmp, im=image: Image.fromarray(im).save(tmp, format="PNG"))
+    one_line = [re.sub(r"[\t\r\n]", " ", prompt) for prompt in prompts]
+    atomic_write_text(os.path.join(folder, "prompts.txt"), "".join(f"{n}\t{p}\n" for n, p in zip(names, one_line)))
+    for stale in set(os.listdir(folder)) - set(names):
+        if re.fullmatch(r"\d{4,}\.png", stale):
+            os.remove(os.path.join(folder, stale))
+
+
+def fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:
+    """`text`, shortened with '~' at the end until it is at most `width` px wide."""
+    while draw.textlength(text, font=font) > width and len(text) > 1:
+        text = text[:-2] + "~"
+    return text
+
+
+def save_grid(path: str, columns: Sequence[tuple[str, np.ndarray]], rows: int) -> None:
+    """A grid PNG: one column per (title, images (N, H, W, 3) uint8), the first `rows` images of each, under a
+    two-line title. Cells are at least 128 px (small images upscaled with nearest neighbour), at most 256 px."""
+    rows = min(rows, len(columns[0][1]))
+    side = columns[0][1].shape[1]
+    cell, title_h = min(max(side, 128), 256), 28
+    grid = Image.new("RGB", (cell * len(columns), title_h + cell * rows), "white")
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for c, (title, images) in enumerate(columns):
+        lines = [fit_text(draw, line, font, cell - 8) for line in title.splitlines()]
+        draw.multiline_text((c * cell + 4, 2), "\n".join(lines), fill="black", font=font)
+        for r in range(rows):
+            tile = Image.fromarray(images[r])
+            if side != cell:
+                tile = tile.resize((cell, cell), Image.NEAREST if side < cell else Image.LANCZOS)
+            grid.paste(tile, (c * cell, title_h + r * cell))
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quality
+
+def to_unit(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [0, 1]: metrics see exactly the saved PNGs."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+
+
+@torch.no_grad()
+def clip_scores(images: dict[str, np.ndarray], prompts: Sequence[str], model_name: str, device: torch.device,
+                batch_size: int) -> tuple[Optional[dict[str, float]], Optional[str]]:
+    """CLIP score per configuration: 100 * mean of max(cos(image, prompt), 0) (Hessel et al. 2021; torchmetrics'
+    CLIPScore) with open_clip `model_name` ("hf-hub:ORG/NAME" or "ARCH:PRETRAINED"). Returns (scores, None), or
+    (None, a one-line note) when the model is not available here."""
+    if model_name == "none":
+        return None, "CLIP score: skipped (--clip-model none)"
+    arch, pretrained = (model_name, None) if model_name.startswith("hf-hub:") else model_name.split(":", 1)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
+        tokenizer = open_clip.get_tokenizer(arch)
+    except Exception as e:  # not cached and no network, unknown name: all mean "not available here"
+        return None, f"CLIP score: skipped, {model_name} is not available here ({first_line(e)[:160]})"
+    model.eval()
+    chunks = range(0, len(prompts), batch_size)
+    text = torch.cat([model.encode_text(tokenizer(list(prompts[i:i + batch_size])).to(device)) for i in chunks])
+    text = torch.nn.functional.normalize(text.float(), dim=-1)
+    scores = {}
+    for name, imgs in images.items():
+        pixels = [torch.stack([preprocess(Image.fromarray(im)) for im in imgs[i:i + batch_size]]) for i in chunks]
+        feats = torch.cat([model.encode_image(x.to(device)) for x in pixels])
+        cos = (torch.nn.functional.normalize(feats.float(), dim=-1) * text).sum(-1)
+        scores[name] = 100 * cos.clamp(min=0).mean().item()
+    return scores, None
+
+
+def inception_fds(images: dict[str, np.ndarray], reference: str, folders: dict[str, str],
+                  device: torch.device) -> tuple[Optional[dict[str, float]], Optional[str]]:
+    """Frechet Inception distance of every other configuration to the `reference` images, with torchmetrics
+    (preferred) or clean-fid when one is installed and its Inception weights can be loaded. (None, note) if not."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError:
+        FrechetInceptionDistance = None
+    try:
+        from cleanfid import fid as cleanfid
+    except ImportError:
+        cleanfid = None
+    others = [name for name in images if name != reference]
+    if FrechetInceptionDistance is None and cleanfid is None:
+        return None, "Inception FD: skipped, neither torchmetrics nor clean-fid is installed"
+    if reference not in images or not others:
+        return None, "Inception FD: skipped, it compares students with the teacher-30 images (--compare-teacher)"
+    try:
+        if FrechetInceptionDistance is None:
+            return {name: float(cleanfid.compute_fid(folders[name], folders[reference], mode="clean", device=device,
+                                                     num_workers=0, verbose=False)) for name in others}, None
+        metric = FrechetInceptionDistance(feature=2048, reset_real_features=False).to(device)
+        for i in range(0, len(images[reference]), 50):
+            metric.update(torch.from_numpy(images[reference][i:i + 50]).permute(0, 3, 1, 2).to(device), real=True)
+        fds = {}
+        for name in others:
+            metric.reset()  # keeps the reference statistics
+            for i in range(0, len(images[name]), 50):
+                metric.update(torch.from_numpy(images[name][i:i + 50]).permute(0, 3, 1, 2).to(device), real=False)
+            fds[name] = float(metric.compute())
+        return fds, None
+    except Exception as e:  # weights not downloadable here, too few images
+        return None, f"Inception FD: skipped ({first_line(e)})"
+
+
+def shapes_metrics(images: dict[str, np.ndarray], prompts: Sequence[str], seed: int,
+                   reference: str) -> tuple[dict[str, dict[str, float]], Optional[str]]:
+    """Shapes-world metrics per configuration and for "data", real images rendered for the same captions (the
+    jitter of stream `seed`): prompt adherence, shapes-FD to the `reference` (teacher-30) images and to the data.
+
+    Returns ({name: metrics}, None), or ({}, a one-line note) for prompts outside the shapes grammar, fewer than
+    2 images or no trained classifier.
+    """
+    if len(prompts) < 2:
+        return {}, "shapes metrics: skipped, shapes-FD needs at least 2 images"
+    try:
+        attrs = torch.stack([shapes.parse_caption(p) for p in prompts])
+        classifier = shapes.load_classifier()
+    except UserError as e:
+        return {}, f"shapes metrics: skipped, {e}"
+    data = to_uint8((shapes.render(attrs, shapes.sample_jitter(len(prompts), seed)) + 1) / 2)
+    sets = {DATA: data, **images}
+    feats = {name: shapes.shapes_features(to_unit(x), classifier) for name, x in sets.items()}
+    metrics = {}
+    for name, x in sets.items():
+        metrics[name] = {"adherence": shapes.prompt_adherence(to_unit(x), prompts, classifier)}
+        for key, other in (("shapes_fd_teacher30", reference), ("shapes_fd_data", DATA)):
+            if other in feats and other != name:
+                metrics[name][key] = shapes.frechet_distance(feats[name], feats[other])
+    return metrics, None
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark and report
+
+COLUMNS = (  # (header, row key, format); a column is shown when some row has a value
+    ("folder", "folder", "{}"),
+    ("steps", "steps", "{}"),
+    ("NFE / image", "nfe", "{}"),
+    ("guidance", "guidance", "{:g}"),
+    ("batch latency s", "batch_latency_s", "{:.3f}"),
+    ("s / image", "latency_per_image_s", "{:.4f}"),
+    ("images / s", "images_per_s", "{:.2f}"),
+    ("peak GiB", "peak_memory_gib", "{:.1f}"),
+    ("speed-up (measured)", "speedup", "{:.1f}x"),
+    ("speed-up (NFE)", "nfe_speedup", "{:.1f}x"),
+    ("CLIP score", "clip_score", "{:.2f}"),
+    ("FD-Inception to teacher 30", "fd_inception_teacher30", "{:.2f}"),
+    ("adherence", "adherence", "{:.3f}"),
+    ("shapes-FD to teacher 30", "shapes_fd_teacher30", "{:.3f}"),
+    ("shapes-FD to data", "shapes_fd_data", "{:.3f}"),
+)
+
+
+LEGEND = (  # (row key, line): a line is shown when its column is
+    ("clip_score", "- CLIP score: 100 x mean max(cos(image, prompt), 0) with the --clip-model image and text towers."),
+    ("fd_inception_teacher30", "- FD-Inception to teacher 30: Frechet Inception distance to the teacher's own "
+                               "30-step images of the same prompts and seeds (how closely the student reproduces "
+                               "the teacher); biased upwards on a few hundred images: compare rows, not papers."),
+    ("adherence", "- Adherence: share of images whose attributes, as the shapes classifier predicts them, all match "
+                  "the caption."),
+    ("shapes_fd_teacher30", "- shapes-FD to teacher 30: Frechet distance in shapes-classifier features to the "
+                            "teacher's 30-step images (same prompts, same seeds): closeness to the teacher."),
+    ("shapes_fd_data", "- shapes-FD to data: the same distance to real shapes images rendered for the same captions "
+                       "(the cleaner reference: sample quality against the data itself)."),
+)
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    columns = [c for c in COLUMNS if any(row.get(c[1]) is not None for row in rows)]
+    lines = ["| configuration | " + " | ".join(c[0] for c in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for row in rows:
+        cells = [fmt.format(row[key]) if row.get(key) is not None else "" for _, key, fmt in columns]
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report_markdown(report: dict) -> str:
+    s = report["settings"]
+    students = "; ".join(f"{st['label']} = {st['path']}" + (f" (w-conditioned, w = {st['guidance']:g})"
+                                                             if st["w_conditioned"] else "") for st in s["students"])
+    return "\n".join([
+        f"# Benchmark: {s['preset']}, {s['num_prompts']} prompts",
+        "",
+        f"Prompts: {s['prompts']}; noise seed {s['seed']} + i. Teacher: {s['teacher']}. Students: {students}.",
+        f"Device: {s['device_name']}, DiT dtype {s['dtype']}, compile {s['compile']}, batch size {s['batch_size']}, "
+        f"torch {s['torch']}.",
+        "",
+        markdown_table(report["configurations"]),
+        "",
+        "- NFE: network passes per image; a guided teacher pass counts twice (Heun: 2 x (2N - 1)), a student "
+        "step once.",
+        "- Latency: wall time of whole batches (text encoding + sampling + decoding; PNG writing excluded), "
+        "synchronised, after an untimed warm-up batch; s / image and images / s over all images.",
+        "- Speed-up: teacher-30 latency per image over this one (measured), and the NFE ratio.",
+        *[line for key, line in LEGEND if any(row.get(key) is not None for row in report["configurations"])],
+        *[f"- Note: {note}" for note in report["notes"]],
+        "",
+    ])
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """Render the prompts with every configuration, write the images, time them and score them.
+
+    args: the options of `parse_args`. Returns the report (also written to report.json and report.md in
+    args.out): {"settings": {...}, "configurations": [one dict per row of the table], "notes": [...]}.
+    """
+    preset = get_preset(args.preset)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} exists and is not a folder")
+    students = student_labels(args)
+    prompts, source = get_prompts(args, preset)
+    seeds = [args.seed + i for i in range(len(prompts))]
+    device = torch.device(args.device)
+    pipe = pipeline_from_args(args, device)  # tiny-random's random parts come from seed 0, as in every script
+    compiled = torch.compile if args.compile else (lambda module: module)
+
+    guidance, ref_steps = preset.guidance_scale, preset.num_steps
+    teacher = compiled(pipe.dit)
+
+    def teacher_config(steps: int) -> Config:
+        return Config("teacher", f"teacher_{steps}steps", "teacher", steps, teacher_nfe(steps, guidance), guidance,
+                      teacher_sampler(teacher, steps, guidance, pipe))
+
+    configs = [teacher_config(ref_steps)] if args.compare_teacher else []
+    student_settings = []
+    for path, label, prefix in students:
+        dit, w_conditioned = load_student(pipe, path)
+        w = (guidance if args.student_guidance is None else args.student_guidance) if w_conditioned else None
+        student_settings.append(dict(label=label, path=path, w_conditioned=w_conditioned, guidance=w))
+        net = compiled(dit)
+        configs += [Config(label, f"{prefix}_{n}steps", "student", n, n, w, student_sampler(net, n, w, pipe))
+                    for n in args.steps]
+    if args.compare_teacher:
+        configs += [teacher_config(n) for n in args.teacher_steps if n != ref_steps]
+    folders = [c.folder for c in configs]
+    if len(set(folders)) != len(folders):
+        raise UserError(f"two configurations would write to the same folder ({', '.join(folders)}); "
+                        "rename the students with --labels")
+
+    images, rows = {}, []
+    for config in tqdm(configs, desc="benchmark", unit="config"):
+        images[config.name], timing = run_config(pipe, config, prompts, seeds, args.batch_size)
+        write_folder(os.path.join(args.out, config.folder), prompts, images[config.name])
+        rows.append(dict(name=config.name, kind=config.kind, label=config.label, folder=config.folder,
+                         steps=config.steps, nfe=config.nfe, guidance=config.guidance, **timing))
+    reference = teacher_config(ref_steps).name
+    ref_row = next((row for row in rows if row["name"] == reference), None)
+    notes = [] if ref_row else ["measured speed-up and distances to the teacher: run with --compare-teacher"]
+    for row in rows:
+        row["nfe_speedup"] = teacher_nfe(ref_steps, guidance) / row["nfe"]
+        row["speedup"] = ref_row["latency_per_image_s"] / row["latency_per_image_s"] if ref_row else None
+
+    clip, note = clip_scores(images, prompts, args.clip_model, device, args.batch_size)
+    fds, fd_note = inception_fds(images, reference, {c.name: os.path.join(args.out, c.folder) for c in configs}, device)
+    shape_scores, shapes_note = shapes_metrics(images, prompts, args.seed, reference) if preset.name == TINY.name \
+        else ({}, None)
+    notes += [n for n in (note, fd_note, shapes_note) if n]
+    for row in rows:
+        row["clip_score"] = clip[row["name"]] if clip else None
+        row["fd_inception_teacher30"] = fds.get(row["name"]) if fds else None
+        row.update(shape_scores.get(row["name"], {}))
+    if DATA in shape_scores:
+        rows.append(dict(name=DATA, kind="data", **shape_scores[DATA]))
+
+    save_grid(os.path.join(args.out, "grid.png"),
+              [(f"{c.label}\n{c.steps} steps, {c.nfe} NFE", images[c.name]) for c in configs], args.grid_rows)
+    settings = dict(preset=preset.name, teacher=args.teacher or preset.teacher or "random (seed 0)",
+                    students=student_settings, prompts=source, num_prompts=len(prompts), seed=args.seed,
+                    batch_size=args.batch_size, device=str(device),
+                    device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+                    dtype=args.dtype, compile=args.compile, clip_model=args.clip_model, torch=torch.__version__)
+    report = dict(settings=settings, configurations=rows, notes=notes)
+    atomic_write_json(os.path.join(args.out, "report.json"), report)
+    atomic_write_text(os.path.join(args.out, "report.md"), report_markdown(report))
+    return report
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, nargs="+", default=[4], help="student steps, one or several")
+    parser.add_argument("--num-prompts", type=int, default=200, help="the first N prompts of the prompt list")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="image i uses noise seed SEED + i (and, on the tiny "
+                        "preset, SEED also draws the default captions)")
+    parser.add_argument("--student", nargs="+", metavar="PATH", help="student DiT state dicts (default: the "
+                        f"output of `python train.py --preset PRESET`, e.g. {PRESET_DEFAULTS[TINY.name]['out_dir']}/"
+                        f"{STUDENT_FILE})")
+    parser.add_argument("--labels", nargs="+", help="one label per --student (default: each file's folder name)")
+    parser.add_argument("--student-guidance", type=float, help="w of w-conditioned students (those with a "
+                        f"sibling {GUIDANCE_FILE}; default: the preset's guidance scale)")
+    add_pipeline_args(parser)  # --preset --teacher --vae --text-encoder --dtype --vae-dtype
+    parser.set_defaults(preset=TINY.name)
+    parser.add_argument("--prompts-file", help="prompt list (.tsv/.csv/.json/.jsonl/.txt); default: the preset's own "
+                        f"prompts (tiny: shapes captions), else {PARTI_FILE} in the working directory, else the "
+                        "cached or once-downloaded copy (see above)")
+    parser.add_argument("--prompt-column", default="Prompt", help="column / field of --prompts-file with the prompts")
+    parser.add_argument("--out", default="output", help="output folder")
+    parser.add_argument("--compare-teacher", action="store_true",
+                        help="also render with the teacher at the preset's Heun steps and guidance (30, 5)")
+    parser.add_argument("--teacher-steps", type=int, nargs="+", default=[], help="also the guided teacher at "
+                        "these step counts (implies --compare-teacher)")
+    parser.add_argument("--clip-model", help="open_clip model of the CLIP score: hf-hub:ORG/NAME, ARCH:PRETRAINED "
+                        f"(PRETRAINED may be a weights file), or none; default: {DEFAULT_CLIP} for {MICRODIT_XL_512.name}, "
+                        "none for the toy presets (32 px shapes and random images say nothing to CLIP)")
+    parser.add_argument("--grid-rows", type=int, default=8, help="prompts (rows) in grid.png")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DiTs (warm-up excluded)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.clip_model is None:
+        args.clip_model = DEFAULT_CLIP if args.preset == MICRODIT_XL_512.name else "none"
+    args.steps, args.teacher_steps = list(dict.fromkeys(args.steps)), list(dict.fromkeys(args.teacher_steps))
+    args.compare_teacher = args.compare_teacher or bool(args.teacher_steps)
+    if min(args.steps + args.teacher_steps) < 1 or args.num_prompts < 1 or args.batch_size < 1 or args.grid_rows < 1:
+        raise UserError("--steps, --teacher-steps, --num-prompts, --batch-size and --grid-rows must be >= 1")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if args.clip_model != "none" and not args.clip_model.startswith("hf-hub:") and ":" not in args.clip_model:
+        raise UserError(f"--clip-model {args.clip_model}: use hf-hub:ORG/NAME, ARCH:PRETRAINED (open_clip) or none")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    report = run_benchmark(args)
+    print(report_markdown(report))
+    print(f"images, grid.png, report.json and report.md in {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)
