@@ -22,14 +22,7 @@ from utils import UserError, run_cli
 PROMPTS = ["a red cube on a table", "a dog\twith a hat", '"quoted" at the start', "an oil painting of a fox",
            "the number five"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny kernels on a shared 2-core machine: more than one thread only adds contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_student(folder, seed=1, w_conditioned=False):

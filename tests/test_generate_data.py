@@ -24,21 +24,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [f"a photo of object number {i}, {'highly detailed ' * (i % 3)}" for i in range(5)]
 STEPS, BATCH = 2, 2
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(autouse=True, scope="module")
 def fresh_accelerate_state():
     """main() sets up accelerate's process-wide PartialState; leave none behind for other test modules."""
     yield
     PartialState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny kernels on a shared 2-core machine: more than one thread only adds contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run(prompts_path, out, *extra):

@@ -27,12 +27,9 @@ PROMPTS = ["a red circle", "a blue square on green", "a photo of a cat", "two do
 
 
 @pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate_state():
-    """Tiny kernels on a shared CPU: one thread. train() sets up accelerate's process-wide state: reset it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fresh_accelerate_state(one_thread):
+    """train() sets up accelerate's process-wide state: reset it."""
     yield
-    torch.set_num_threads(before)
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
 
