@@ -1,6 +1,6 @@
 """Consistency distillation of a MicroDiT teacher into a 1-4 step student (CM/LCM, `cd_utils.cd_loss`).
 
-    python train.py                                     # embedded default: the shapes world on a CPU, ~15 min
+    python train.py                                     # embedded default: the shapes world, ~7 min on 2 CPU cores
     python train.py --recipe seed                       # Euler teacher step, online target, pseudo-Huber c=0.001
     python train.py --preset microdit-xl-512 --teacher dit_4_channel_0.5B_synthetic_data.pt --data-dir data/teacher
     accelerate launch --num_processes 8 train.py --preset microdit-xl-512 --teacher ... --data-dir data/teacher
@@ -67,7 +67,7 @@ except ImportError:
 # Per-preset defaults; every key but `metrics` is also a flag (--data-dir, --steps, ...) that overrides it.
 # batch_size is per process; the effective batch is batch_size x grad_accum x processes.
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
-    # ~15 min on 2 CPU cores: 512 teacher samples (30 Heun steps), 300 steps at batch 32, 4 validations.
+    # 6.6 min on 2 CPU cores (measured): 512 teacher samples (30 Heun steps), 300 steps at batch 32, 4 validations.
     "tiny": dict(data_dir="data/tiny", out_dir="runs/cd-tiny", gen_num=512, gen_batch_size=64, steps=300,
                  batch_size=32, lr=1e-4, warmup=20, ema=0.99, val_every=100, val_samples=128, val_grid=8,
                  val_prompts=None, ckpt_every=100, num_workers=0, metrics="shapes"),
