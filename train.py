@@ -408,10 +408,17 @@ class Validator:
         if self.real is not None and not self.metrics:
             print(f"warning: no shapes classifier at {shapes.DEFAULT_CLASSIFIER}: validation metrics skipped "
                   "(python shapes.py train-classifier)", file=sys.stderr)
-        self.teacher = self.teacher_images(args)
+        self.teacher_images = self.render_teacher(args)
+        self.teacher_metrics = {}
+        if self.metrics:  # classifier features of the fixed sets, computed once for every validation
+            self.real_features = shapes.shapes_features(self.real)
+            self.teacher_features = shapes.shapes_features(self.teacher_images)
+            self.teacher_metrics = {
+                "adherence": shapes.prompt_adherence(self.teacher_images, self.prompts),
+                "fd_real": shapes.frechet_distance(self.teacher_features, self.real_features)}
 
-    def teacher_images(self, args: argparse.Namespace) -> dict:
-        """The teacher's images of the validation set (and their metrics), from the cache if it matches."""
+    def render_teacher(self, args: argparse.Namespace) -> torch.Tensor:
+        """The teacher's images of the validation set, (N, 3, H, W) in [0, 1], from the cache if it matches."""
         teacher = teacher_path(self.pipe.preset, args.teacher)
         stat = os.stat(teacher) if teacher else None  # a retrained teacher at the same path invalidates the cache
         key = dict(preset=args.preset, teacher=teacher, teacher_file=(stat.st_size, stat.st_mtime_ns) if stat else None,
@@ -421,23 +428,19 @@ class Validator:
         if os.path.isfile(path):
             cached = torch.load(path, weights_only=True)
             if cached["key"] == key:
-                return cached
+                return cached["images"]
         print(f"rendering the teacher's validation images ({len(self.prompts)} at {key['steps']} steps, "
               f"guidance {self.guidance}) once")
         images = generate_images(self.pipe, self.prompts, self.seeds, key["steps"], self.guidance,
                                  self.batch_size)["images"]
-        cached = dict(key=key, images=images, metrics={})
-        if self.metrics:
-            cached["metrics"] = {"adherence": shapes.prompt_adherence(images, self.prompts),
-                                 "fd_real": shapes.shapes_fd(images, self.real)}
-        atomic_write(path, lambda tmp: torch.save(cached, tmp))
-        return cached
+        atomic_write(path, lambda tmp: torch.save(dict(key=key, images=images), tmp))
+        return images
 
     @torch.no_grad()
     def __call__(self, step: int, student: torch.nn.Module) -> dict[str, float]:
         """Render the student at each of VAL_STUDENT_STEPS, write val/step_XXXXXX.png; returns the metrics."""
         device = self.pipe.device
-        columns, metrics = [self.teacher["images"][:self.grid]], {}
+        columns, metrics = [self.teacher_images[:self.grid]], {}
         for k in VAL_STUDENT_STEPS:
             def sample_fn(noise: torch.Tensor, y: torch.Tensor, seeds: list[int]) -> torch.Tensor:
                 return consistency_sample(student, noise, y, num_steps=k, edm_config=self.pipe.edm_config,
@@ -448,10 +451,11 @@ class Validator:
                                      sample_fn=sample_fn)["images"]
             columns.append(images[:self.grid])
             if self.metrics:
+                features = shapes.shapes_features(images)
                 metrics[f"adherence/{k}"] = shapes.prompt_adherence(images, self.prompts)
-                metrics[f"fd_real/{k}"] = shapes.shapes_fd(images, self.real)
-                metrics[f"fd_teacher/{k}"] = shapes.shapes_fd(images, self.teacher["images"])
-        metrics.update({f"{name}/teacher": v for name, v in self.teacher["metrics"].items()})
+                metrics[f"fd_real/{k}"] = shapes.frechet_distance(features, self.real_features)
+                metrics[f"fd_teacher/{k}"] = shapes.frechet_distance(features, self.teacher_features)
+        metrics.update({f"{name}/teacher": v for name, v in self.teacher_metrics.items()})
         grid = torch.stack(columns, 1).flatten(0, 1)  # row-major: prompt i = teacher, student 1, 2, 4 steps
         scale = max(1, 128 // grid.shape[-1])  # show the 32 px shapes world at 128 px
         grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="nearest") if scale > 1 else grid
