@@ -20,7 +20,8 @@ Output in --out (default output/):
     teacher_30steps/, teacher_{N}steps/ (--compare-teacher, --teacher-steps), {label}_{N}steps/ per student, or
     parti_prompts_{N}steps/ for a single student without --labels (the reference layout); each holds NNNN.png and
     prompts.txt ("NNNN.png<TAB>prompt" per line);
-    grid.png (rows: the first --grid-rows prompts; columns: the configurations), report.json, report.md.
+    grid.png (rows: the first --grid-rows prompts, captioned; columns: the configurations, titled), report.json,
+    report.md.
 Speed: network passes (NFE) per image, and end-to-end wall time (text encoding + sampling + decoding, PNG writing
 excluded) per batch and per image, after one untimed warm-up batch per batch shape, synchronising CUDA.
 Quality, where the models are here: CLIP score (open_clip, --clip-model); Inception FD to the teacher-30 images
@@ -39,7 +40,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import open_clip
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
 import shapes
@@ -49,7 +50,7 @@ from pipeline import (DFN5B_HUB_ID, MICRODIT_XL_512, TINY, Pipeline, Preset, add
 from sampler import (SampleFn, consistency_sample, edm_sample, generate_images, load_prompts, multistep_noise,
                      to_uint8)
 from train import GUIDANCE_FILE, GUIDANCE_PREFIX, PRESET_DEFAULTS, STUDENT_FILE
-from utils import UserError, atomic_write, atomic_write_json, atomic_write_text, first_line, run_cli
+from utils import UserError, atomic_write, atomic_write_json, atomic_write_text, first_line, run_cli, save_grid
 
 PARTI_URL = "https://raw.githubusercontent.com/google-research/parti/main/PartiPrompts.tsv"  # Apache-2.0
 PARTI_FILE = "PartiPrompts.tsv"
@@ -230,32 +231,6 @@ def write_folder(folder: str, prompts: Sequence[str], images: np.ndarray) -> Non
     for stale in set(os.listdir(folder)) - set(names):
         if re.fullmatch(r"\d{4,}\.png", stale):
             os.remove(os.path.join(folder, stale))
-
-
-def fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:
-    """`text`, shortened with '~' at the end until it is at most `width` px wide."""
-    while draw.textlength(text, font=font) > width and len(text) > 1:
-        text = text[:-2] + "~"
-    return text
-
-
-def save_grid(path: str, columns: Sequence[tuple[str, np.ndarray]], rows: int) -> None:
-    """A grid PNG: one column per (title, images (N, H, W, 3) uint8), the first `rows` images of each, under a
-    two-line title. Cells are at least 128 px (small images upscaled with nearest neighbour), at most 256 px."""
-    rows = min(rows, len(columns[0][1]))
-    side = columns[0][1].shape[1]
-    cell, title_h = min(max(side, 128), 256), 28
-    grid = Image.new("RGB", (cell * len(columns), title_h + cell * rows), "white")
-    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
-    for c, (title, images) in enumerate(columns):
-        lines = [fit_text(draw, line, font, cell - 8) for line in title.splitlines()]
-        draw.multiline_text((c * cell + 4, 2), "\n".join(lines), fill="black", font=font)
-        for r in range(rows):
-            tile = Image.fromarray(images[r])
-            if side != cell:
-                tile = tile.resize((cell, cell), Image.NEAREST if side < cell else Image.LANCZOS)
-            grid.paste(tile, (c * cell, title_h + r * cell))
-    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -491,7 +466,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         rows.append(dict(name=DATA, kind="data", **shape_scores[DATA]))
 
     save_grid(os.path.join(args.out, "grid.png"),
-              [(f"{c.label}\n{c.steps} steps, {c.nfe} NFE", images[c.name]) for c in configs], args.grid_rows)
+              [(f"{c.label}\n{c.steps} steps, {c.nfe} NFE", images[c.name]) for c in configs], prompts, args.grid_rows)
     settings = dict(preset=preset.name, teacher=args.teacher or preset.teacher or "random (seed 0)",
                     students=student_settings, prompts=source, num_prompts=len(prompts), seed=args.seed,
                     batch_size=args.batch_size, device=str(device),

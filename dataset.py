@@ -234,6 +234,39 @@ class LatentCaptionDataset(Dataset):
             return {k: tuple(f.get_slice(k).get_shape()[1:]) for k in ("latents", "embeddings")}
 
 
+def check_data_dir(data_dir: str, latent_shape: Optional[Sequence[int]] = None,
+                   text_width: Optional[int] = None) -> str:
+    """Read what training will read, in seconds, before any expensive work; returns "latents" or "images".
+
+    With latent shards (what `get_dataloader` prefers): every shard's header, and latents (C, h, w) equal to
+    `latent_shape` and embeddings of width `text_width` where given. Else: the captions parse and every captioned
+    image that is present decodes (PIL `verify`). UserError naming the first bad file.
+    """
+    _require_dir(data_dir)
+    shards = list_shards(data_dir)
+    for path in shards:
+        read_shard_index(path)
+        with safe_open(path, "pt") as f:
+            latents, embeddings = (tuple(f.get_slice(k).get_shape()[1:]) for k in ("latents", "embeddings"))
+        if (latent_shape is not None and latents != tuple(latent_shape)) or (
+                text_width is not None and embeddings[-1] != text_width):
+            raise UserError(f"{path}: latents {latents} and embeddings {embeddings} do not fit this preset "
+                            f"(latents {tuple(latent_shape or latents)}, text width {text_width}); use the "
+                            "preset's own teacher data")
+    if shards:
+        return "latents"
+    image_dir = os.path.join(data_dir, IMAGES_DIR)
+    for name in read_captions(data_dir):
+        path = os.path.join(image_dir, name)
+        if os.path.isfile(path):
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
+                raise UserError(f"cannot read image {path} ({e})") from None
+    return "images"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sampling and loading
 

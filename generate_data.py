@@ -106,9 +106,10 @@ def data_settings(args: argparse.Namespace, prompts: Sequence[str]) -> dict:
 
 
 def check_settings(data_dir: str, settings: dict) -> None:
-    """UserError if DATA_DIR holds data made with other settings (resuming into it would mix two datasets)."""
+    """UserError if DATA_DIR holds data made with other settings (resuming into it would mix two datasets).
+    A folder with no finished item on disk holds nothing to mix: its old settings are replaced, not enforced."""
     path = os.path.join(data_dir, MANIFEST_JSON)
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) or not finished_items(data_dir, settings["num_prompts"]):
         return
     try:
         with open(path, encoding="utf-8") as f:
@@ -206,16 +207,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     settings = data_settings(args, prompts)
     check_settings(args.out, settings)
     done = finished_items(args.out, len(prompts))
+    todo = [i for i in range(len(prompts)) if i not in done]
+    # every weight loads (a bad --teacher, VAE or text encoder fails here) before anything is written
+    pipe = pipeline_from_args(args, device) if todo else None
     state.wait_for_everyone()  # every rank has listed the finished items before any rank writes
     if state.is_main_process:
         write_summary_files(args.out, prompts, settings)  # records the settings for a resumed run
-    todo = [i for i in range(len(prompts)) if i not in done]
     batches = rank_batches(todo, args.batch_size, state.process_index, state.num_processes)
 
     t0, count = time.time(), sum(map(len, batches))
     if batches:
-        pipe = pipeline_from_args(args, device)
-        t0 = time.time()
         generate_batches(pipe, prompts, batches, args.out, args.steps, args.guidance, args.seed,
                          show_progress=state.is_main_process)
     seconds = time.time() - t0

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
-from utils import UserError
+from utils import UserError, first_line
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -488,8 +489,10 @@ def read_state_dict(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        obj = load_file(path)
+        try:
+            obj = load_file(path)
+        except Exception as e:  # safetensors raises several types for a corrupt or truncated file
+            raise UserError(f"cannot read {path} as safetensors ({first_line(e)})") from None
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -509,25 +512,18 @@ def read_state_dict(path: str) -> dict:
     return obj
 
 
-def _list(names: list, limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
 def load_dit_weights(dit: DiT, source: Union[str, dict]) -> None:
-    """Load a checkpoint (path or state dict) strictly; a mismatch raises one `CheckpointError` that lists
-    the missing keys, the unexpected keys and the shape mismatches."""
+    """Load a checkpoint (path or state dict) strictly; a mismatch raises one `CheckpointError` that counts the
+    missing, unexpected and mis-shaped keys and names the first of each."""
     state = read_state_dict(source) if isinstance(source, str) else source
     name = source if isinstance(source, str) else "state dict"
     own = dit.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+    mismatched = [f"{k} {tuple(state[k].shape)}, model {tuple(v.shape)}"
                   for k, v in own.items() if k in state and state[k].shape != v.shape]
+    missing = [f"{k} missing" for k in own if k not in state]
+    unexpected = [f"{k} unexpected" for k in state if k not in own]
     if missing or unexpected or mismatched:
-        parts = [f"{len(missing)} missing: {_list(missing)}" if missing else "",
-                 f"{len(unexpected)} unexpected: {_list(unexpected)}" if unexpected else "",
-                 f"{len(mismatched)} shape mismatches: {_list(mismatched)}" if mismatched else ""]
-        raise CheckpointError(f"{name} does not fit this DiT ({'; '.join(p for p in parts if p)}); "
-                              "check --preset / the model size and resolution")
+        examples = [kind[0] for kind in (mismatched, missing, unexpected) if kind]  # the first of each kind
+        raise CheckpointError(f"{name} does not fit this DiT: {len(mismatched)} mis-shaped, {len(missing)} missing, "
+                              f"{len(unexpected)} unexpected keys ({'; '.join(examples)}); check --preset")
     dit.load_state_dict(state, strict=True)

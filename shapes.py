@@ -33,9 +33,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from scipy import ndimage
 from tqdm import tqdm
 
-from utils import UserError, atomic_write, atomic_write_text, run_cli
+from sampler import to_uint8
+from utils import UserError, atomic_write, atomic_write_text, run_cli, save_grid
 
 IMAGE_SIZE = 32
 ATTRIBUTES = ("shape", "color", "size", "position", "background")
@@ -325,6 +327,34 @@ def prompt_adherence(images: torch.Tensor, prompts: Sequence[str],
     return attribute_accuracy(images, prompts, classifier)["all"]
 
 
+def count_objects(images: torch.Tensor, threshold: float = 0.3, min_pixels: int = 4) -> torch.Tensor:
+    """Objects per image: 8-connected components of at least `min_pixels` foreground pixels, where a pixel is
+    foreground when its summed |RGB - per-image median| exceeds `threshold`. Images (N, 3, 32, 32) in [0, 1];
+    returns LongTensor (N,). Every real image of the world has exactly one."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(images.shape)}")
+    x = images.detach().float().cpu().clamp(0, 1)
+    foreground = ((x - x.flatten(2).median(2).values[:, :, None, None]).abs().sum(1) > threshold).numpy()
+    counts = []
+    for mask in foreground:
+        labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
+        counts.append(int((np.bincount(labels.ravel(), minlength=n + 1)[1:] >= min_pixels).sum()))
+    return torch.tensor(counts, dtype=torch.long)
+
+
+def score(images: torch.Tensor, prompts: Sequence[str], real: Optional[torch.Tensor] = None,
+          classifier: Optional[ShapesClassifier] = None) -> dict[str, float]:
+    """The shapes-world scores of generated images ([0, 1], (N, 3, 32, 32)) against their captions:
+    `adherence` (every attribute right), `acc_<attribute>` for each attribute, `one_object` (share of images
+    with exactly one object, `count_objects`) and, when `real` images are given, `shapes_fd_data`."""
+    acc = attribute_accuracy(images, prompts, classifier)
+    metrics = {"adherence": acc.pop("all"), **{f"acc_{a}": v for a, v in acc.items()},
+               "one_object": (count_objects(images) == 1).float().mean().item()}
+    if real is not None:
+        metrics["shapes_fd_data"] = shapes_fd(images, real, classifier)
+    return metrics
+
+
 @torch.no_grad()
 def shapes_features(images: torch.Tensor, classifier: Optional[ShapesClassifier] = None,
                     batch_size: int = 500) -> torch.Tensor:
@@ -431,25 +461,6 @@ def _print_metrics(metrics: dict[str, float], n: int) -> None:
     print(f"pixel std in [-1, 1] ({2 * n} images): {metrics['pixel_std']:.4f}")
 
 
-def save_preview(path: str, attrs: torch.Tensor, images: torch.Tensor, columns: int = 4) -> None:
-    """PNG grid of images ([-1, 1]) with their captions under them."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = -(-len(images) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, img, text in zip(axes.flat, images, captions(attrs)):
-        ax.imshow(((img + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
-        words = text.split(" at ")
-        ax.set_title(f"{words[0]}\nat {words[1]}", fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -488,7 +499,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         _print_metrics(evaluate(load_classifier(args.classifier), args.seed, args.n), args.n)
     elif args.command == "preview":
         images, attrs = sample(args.n, args.seed)
-        save_preview(args.out, attrs, images)
+        save_grid(args.out, [(f"shapes world\nstream {args.seed}", to_uint8((images + 1) / 2))], captions(attrs))
         print(f"wrote {args.out}")
     elif args.command == "prompts":
         atomic_write_text(args.out, "".join(c + "\n" for c in captions(sample_attributes(args.n, args.seed))))

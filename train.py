@@ -48,16 +48,16 @@ import torch.utils.checkpoint
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors.torch import save_file
-from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 import generate_data
 import shapes
 from cd_utils import CDConfig, INDEX_DISTS, LOSSES, SOLVERS, WEIGHTINGS, cd_loss, ema_update
-from dataset import CAPTIONS_CSV, CAPTIONS_JSON, MANIFEST_JSON, get_dataloader, list_shards
+from dataset import CAPTIONS_CSV, CAPTIONS_JSON, MANIFEST_JSON, check_data_dir, get_dataloader, list_shards
 from pipeline import Pipeline, add_pipeline_args, build_dit, get_preset, pipeline_from_args, teacher_path
-from sampler import consistency_sample, generate_images, load_prompts, multistep_noise
-from utils import UserError, atomic_write, atomic_write_json, atomic_write_text, run_cli, seed_everything
+from sampler import consistency_sample, generate_images, load_prompts, multistep_noise, to_uint8
+from utils import (UserError, atomic_write, atomic_write_json, atomic_write_text, load_torch_file, run_cli,
+                   save_grid, seed_everything)
 
 try:  # optional
     from torch.utils.tensorboard import SummaryWriter
@@ -250,18 +250,6 @@ def model_inputs(batch: dict, pipe: Pipeline, device: torch.device) -> tuple[tor
         return pipe.codec.encode(batch["image"].to(device)).float(), pipe.encode_prompts(batch["caption"])
 
 
-def check_data_shapes(loader: torch.utils.data.DataLoader, pipe: Pipeline, data_dir: str) -> None:
-    """UserError if the latent shards were made for another DiT (latent shape or text width)."""
-    dataset = loader.dataset
-    if not hasattr(dataset, "shapes"):
-        return
-    found = dataset.shapes()
-    if found["latents"] != tuple(pipe.latent_shape) or found["embeddings"][-1] != pipe.dit.caption_channels:
-        raise UserError(f"{data_dir}: latents {found['latents']} and embeddings {found['embeddings']} do not fit "
-                        f"preset {pipe.name} (latents {tuple(pipe.latent_shape)}, text width "
-                        f"{pipe.dit.caption_channels}); use the preset's own teacher data")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Networks and optimisation
 
@@ -426,8 +414,11 @@ class Validator:
                    guidance=self.guidance)
         path = os.path.join(self.folder, "teacher.pt")
         if os.path.isfile(path):
-            cached = torch.load(path, weights_only=True)
-            if cached["key"] == key:
+            try:
+                cached = load_torch_file(path, "validation cache")
+            except UserError:
+                cached = {}  # a damaged cache is rendered again
+            if cached.get("key") == key:
                 return cached["images"]
         print(f"rendering the teacher's validation images ({len(self.prompts)} at {key['steps']} steps, "
               f"guidance {self.guidance}) once")
@@ -439,8 +430,8 @@ class Validator:
     @torch.no_grad()
     def __call__(self, step: int, student: torch.nn.Module) -> dict[str, float]:
         """Render the student at each of VAL_STUDENT_STEPS, write val/step_XXXXXX.png; returns the metrics."""
-        device = self.pipe.device
-        columns, metrics = [self.teacher_images[:self.grid]], {}
+        steps = self.pipe.preset.num_steps
+        columns, metrics = [(f"teacher\n{steps} steps", to_uint8(self.teacher_images[:self.grid]))], {}
         for k in VAL_STUDENT_STEPS:
             def sample_fn(noise: torch.Tensor, y: torch.Tensor, seeds: list[int]) -> torch.Tensor:
                 return consistency_sample(student, noise, y, num_steps=k, edm_config=self.pipe.edm_config,
@@ -449,18 +440,14 @@ class Validator:
 
             images = generate_images(self.pipe, self.prompts, self.seeds, batch_size=self.batch_size,
                                      sample_fn=sample_fn)["images"]
-            columns.append(images[:self.grid])
+            columns.append((f"student\n{k} step{'s' if k > 1 else ''}", to_uint8(images[:self.grid])))
             if self.metrics:
                 features = shapes.shapes_features(images)
                 metrics[f"adherence/{k}"] = shapes.prompt_adherence(images, self.prompts)
                 metrics[f"fd_real/{k}"] = shapes.frechet_distance(features, self.real_features)
                 metrics[f"fd_teacher/{k}"] = shapes.frechet_distance(features, self.teacher_features)
         metrics.update({f"{name}/teacher": v for name, v in self.teacher_metrics.items()})
-        grid = torch.stack(columns, 1).flatten(0, 1)  # row-major: prompt i = teacher, student 1, 2, 4 steps
-        scale = max(1, 128 // grid.shape[-1])  # show the 32 px shapes world at 128 px
-        grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="nearest") if scale > 1 else grid
-        grid = make_grid(grid, nrow=len(columns), padding=2, pad_value=1.0)
-        atomic_write(os.path.join(self.folder, f"step_{step:06d}.png"), lambda tmp: save_image(grid, tmp))
+        save_grid(os.path.join(self.folder, f"step_{step:06d}.png"), columns, self.prompts)
         return metrics
 
 
@@ -566,6 +553,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     ensure_teacher_data(args, device)
     accelerator.wait_for_everyone()
+    preset = get_preset(args.preset)  # the data is read through before the teacher's validation images are made
+    check_data_dir(args.data_dir, preset.latent_shape, preset.dit_kwargs["caption_channels"])
     pipe = pipeline_from_args(args, device)  # the frozen teacher (in --dtype), text encoder and codec
     seed_everything(args.seed)
     student = build_dit(pipe.preset, args.teacher)  # fp32, from the teacher's checkpoint
@@ -584,7 +573,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     step = 0
     if resume_from:
-        ckpt = torch.load(resume_from, map_location="cpu", weights_only=True)
+        ckpt = load_torch_file(resume_from, "checkpoint")
         if ckpt["world_size"] != world:
             raise UserError(f"{resume_from} was written by {ckpt['world_size']} processes; resume it with as many "
                             f"(now {world}) to continue the same data and noise streams")
@@ -606,7 +595,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     loader = get_dataloader(args.data_dir, args.batch_size, seed=args.seed, rank=rank, world_size=world,
                             start_index=step * args.batch_size * args.grad_accum, num_workers=args.num_workers,
                             resolution=pipe.image_size)
-    check_data_shapes(loader, pipe, args.data_dir)
     batches = iter(loader)  # draws from the global torch RNG: restore the checkpoint's states after it
     if resume_from:
         set_rng_state(rng_blob, gen)
@@ -752,6 +740,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                   if step_times else "no steps run")
         print(f"done: step {step}, loss {loss:.4g}, {timing}; wrote {result['student']}"
               + (f" and {result['guidance_embedder']}" if result["guidance_embedder"] else ""))
+        val = result["val"] or {}
+        if "adherence/teacher" in val:
+            print(f"adherence on {args.val_samples} validation captions: teacher {val['adherence/teacher']:.3f}"
+                  + "".join(f", student {k} step{'s' if k > 1 else ''} {val[f'adherence/{k}']:.3f}"
+                            for k in VAL_STUDENT_STEPS))
+        print(f"pictures: {os.path.join(args.out_dir, VAL_DIR, f'step_{step:06d}.png')} (teacher | student "
+              f"{' | '.join(map(str, VAL_STUDENT_STEPS))} steps); curves: {os.path.join(args.out_dir, 'val_metrics.png')}"
+              f", {os.path.join(args.out_dir, 'training_loss.png')}")
     accelerator.wait_for_everyone()
     return result
 

@@ -1,13 +1,14 @@
-"""Small helpers shared by the scripts: user-facing errors, atomic writes, seeding."""
+"""Small helpers shared by the scripts: user-facing errors, atomic writes, seeding, labelled image grids."""
 import json
 import os
 import random
 import sys
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 
 class UserError(Exception):
@@ -63,3 +64,57 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def load_torch_file(path: str, what: str) -> Any:
+    """`torch.load` of a tensors-only file (weights_only: no code runs); an unreadable file is a one-line UserError
+    naming `what` and the path."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, pickled objects, not a torch file at all
+        raise UserError(f"cannot read {what} {path}: not a tensors-only torch file ({type(e).__name__})") from None
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int, max_lines: int) -> list[str]:
+    """`text` broken at spaces into at most `max_lines` lines of at most `width` px ('~' ends a cut line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    lines = lines[:max_lines]
+    for i, line in enumerate(lines):
+        while draw.textlength(line, font=font) > width and len(line) > 1:
+            line = line[:-2] + "~"
+        lines[i] = line
+    return lines
+
+
+def save_grid(path: str, columns: Sequence[tuple[str, np.ndarray]], captions: Optional[Sequence[str]] = None,
+              rows: Optional[int] = None, min_cell: int = 96, max_cell: int = 256) -> None:
+    """A labelled grid PNG: one column per (title, images (N, H, W, 3) uint8) showing its first `rows` images,
+    the titles on top ('\n' splits lines) and, given `captions`, row i's caption at its left. Cells are square,
+    at least `min_cell` px (small images upscaled by nearest neighbour, so pixels stay visible), at most
+    `max_cell` (LANCZOS)."""
+    rows = min(rows or len(columns[0][1]), len(columns[0][1]))
+    side = columns[0][1].shape[1]
+    cell = min(max(side, min_cell), max_cell)
+    font = ImageFont.load_default(size=12)
+    title_h = 8 + 14 * max(len(title.splitlines()) for title, _ in columns)
+    label_w = 200 if captions is not None else 0
+    pitch = cell + 2  # a 2 px white line between cells
+    grid = Image.new("RGB", (label_w + pitch * len(columns), title_h + pitch * rows), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, (title, images) in enumerate(columns):
+        lines = [_wrap(draw, line, font, cell - 8, 1)[0] for line in title.splitlines() if line.strip()]
+        draw.multiline_text((label_w + c * pitch + 4, 4), "\n".join(lines), fill="black", font=font, spacing=2)
+        for r in range(rows):
+            tile = Image.fromarray(images[r])
+            if side != cell:
+                tile = tile.resize((cell, cell), Image.NEAREST if side < cell else Image.LANCZOS)
+            grid.paste(tile, (label_w + c * pitch, title_h + r * pitch))
+    for r, text in enumerate((captions or [])[:rows]):
+        lines = _wrap(draw, text, font, label_w - 10, max(1, (cell - 8) // 14))
+        draw.multiline_text((4, title_h + r * pitch + 4), "\n".join(lines), fill="black", font=font, spacing=2)
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))

@@ -121,7 +121,7 @@ def test_mismatched_checkpoint_names_the_keys():
         load_dit_weights(dit, state)
     msg = str(err.value)
     assert "final_layer.linear.bias" in msg and "extra.weight" in msg and "x_embedder.proj.weight" in msg
-    assert "\n" not in msg
+    assert "\n" not in msg and "1 mis-shaped, 1 missing, 1 unexpected" in msg
 
 
 def test_cli_missing_checkpoint_is_one_line(tmp_path):

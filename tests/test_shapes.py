@@ -80,6 +80,26 @@ def test_prompt_adherence_true_vs_shuffled_captions(held_out):
         shapes.prompt_adherence(images[:10] * 2 - 1, prompts[:10])
 
 
+def test_count_objects_real_fragmented_and_empty(held_out):
+    images, _ = held_out
+    assert (shapes.count_objects(images) == 1).all()  # every real image: one object, whatever its size or shape
+    background = images[:20].flatten(2).median(2).values[:, :, None, None].expand(-1, -1, 32, 32)
+    assert (shapes.count_objects(background) == 0).all()
+    fragments = background.clone()
+    for y, x in ((2, 2), (2, 20), (20, 10)):  # three 3x3 blocks of another colour
+        fragments[:, :, y:y + 3, x:x + 3] = 1 - background[:, :, y:y + 3, x:x + 3]
+    assert (shapes.count_objects(fragments) == 3).all()
+
+
+def test_score_names_every_metric(held_out):
+    images, prompts = held_out
+    scores = shapes.score(images[:100], prompts[:100], real=images[100:200])
+    assert set(scores) == {"adherence", "one_object", "shapes_fd_data", *(f"acc_{a}" for a in shapes.ATTRIBUTES)}
+    assert scores["adherence"] >= 0.97 and scores["one_object"] == 1.0
+    assert scores["shapes_fd_data"] == pytest.approx(shapes.shapes_fd(images[:100], images[100:200]))
+    assert "shapes_fd_data" not in shapes.score(images[:10], prompts[:10])
+
+
 def test_shapes_fd_floor_vs_corruptions(held_out):
     images, _ = held_out
     a, b = images[:300], images[300:]
