@@ -1,10 +1,14 @@
 """Train the embedded default's teacher: a tiny MicroDiT on the shapes world, with MicroDiT's own EDM loss.
 
-    python train_teacher.py --threads 2   # writes the `tiny` preset's teacher (weights/tiny_teacher.safetensors)
+    python train_teacher.py --threads 2            # writes the `tiny` preset's teacher (weights/tiny_teacher.safetensors)
+    python train_teacher.py --threads 2 --resume   # continues an interrupted or split run from its state file
 
-The same DiT code, EDM preconditioning and 10% caption dropout as the real teacher; pixels are the latents
-(identity codec) and captions go through the preset's frozen, seeded text tower. The exact command line is
-stored in the file's metadata. Deterministic on the CPU for a given torch version.
+The same DiT code, EDM preconditioning and caption dropout as the real teacher; pixels are the latents (identity
+codec) and captions go through the preset's frozen, seeded text tower. The state (network, EMA, optimizer, noise
+generator, step; the data stream is indexed by step) is written atomically to --state every --save-minutes, so a
+run longer than one sitting continues exactly where it stopped. Every --eval-every steps the EMA teacher's 30-step
+samples of held-out captions are scored (`shapes.score`): that learning curve, the exact command, the device, the
+steps and the time are stored in the weights' metadata. Deterministic on one device for a given torch version.
 """
 import argparse
 import copy
@@ -14,6 +18,7 @@ import os
 import shlex
 import sys
 import time
+from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -24,65 +29,128 @@ import shapes
 from cd_utils import edm_loss, ema_update
 from pipeline import REPO_DIR, TEXT_FINGERPRINT_KEY, get_preset, text_fingerprint
 from sampler import edm_sample, initial_noise
-from utils import atomic_write, run_cli
+from utils import UserError, atomic_write, load_torch_file, run_cli
+
+HELD_OUT_OFFSET = 10**6  # held-out captions: shapes stream seed + HELD_OUT_OFFSET (training uses stream seed)
+# Options that change the trained weights: a resumed run must use the values its state was started with.
+SETTINGS = ("preset", "steps", "batch_size", "lr", "warmup", "ema", "cap_drop", "seed")
 
 
-def evaluate_teacher(dit: torch.nn.Module, encode, edm_config, num: int, seed: int, steps: int,
-                     guidance: float, batch_size: int = 250) -> dict:
-    """Prompt adherence and shapes-FD (to real images) of `num` teacher samples on held-out captions."""
-    real, attrs = shapes.sample(num, seed=seed)
-    prompts = shapes.captions(attrs)
+@torch.no_grad()
+def evaluate_teacher(dit: torch.nn.Module, encode, preset, num: int, seed: int,
+                     batch_size: int = 250) -> dict[str, float]:
+    """`shapes.score` of `num` samples (the preset's Heun steps and guidance) of held-out captions, image i from
+    seed + i, plus `shapes_fd_floor`: the FD between two real sets of that size (the noise floor of shapes-FD)."""
+    real, attrs = shapes.sample(2 * num, seed=seed)
+    real = (real + 1) / 2
+    prompts = shapes.captions(attrs[:num])
     noise = initial_noise(list(range(seed, seed + num)), real.shape[1:])
-    out = []
-    for i in range(0, num, batch_size):
-        out.append(edm_sample(dit, noise[i:i + batch_size], encode(prompts[i:i + batch_size]), steps, guidance,
-                              edm_config))
-    images = (torch.cat(out).clamp(-1, 1) + 1) / 2
-    return {"adherence": shapes.prompt_adherence(images, prompts),
-            "shapes_fd": shapes.shapes_fd(images, (real + 1) / 2)}
+    device = next(dit.parameters()).device
+    images = torch.cat([edm_sample(dit, noise[i:i + batch_size].to(device), encode(prompts[i:i + batch_size]),
+                                   preset.num_steps, preset.guidance_scale, preset.edm_config).cpu()
+                        for i in range(0, num, batch_size)])
+    metrics = shapes.score((images.clamp(-1, 1) + 1) / 2, prompts, real[:num])
+    metrics["shapes_fd_floor"] = shapes.shapes_fd(real[:num], real[num:])
+    return metrics
 
 
-def main() -> None:
+def lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Linear warm-up, then cosine decay to zero: a constant rate plateaus early on this small model."""
+    return min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
+def load_state(path: str, settings: dict) -> dict:
+    """The state file of an earlier sitting of this run; refuses one that was started with other settings."""
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: no state file at {path}; start the run without --resume")
+    state = load_torch_file(path, "training state")
+    changed = [f"{k}={state['settings'].get(k)!r} (now {v!r})" for k, v in settings.items()
+               if state["settings"].get(k) != v]
+    if changed:
+        raise UserError(f"{path} belongs to a run with other settings: {', '.join(changed)}")
+    return state
+
+
+def save_weights(path: str, ema: torch.nn.Module, meta: dict[str, str]) -> None:
+    state = {k: v.contiguous() for k, v in ema.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", help="preset whose DiT and text tower are trained/used")
-    parser.add_argument("--out", help="output file (default: the preset's teacher path)")
-    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--out", help="output weights (default: the preset's teacher path)")
+    parser.add_argument("--state", help="training state file (default: OUT with _state.pt for .safetensors)")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --state")
+    parser.add_argument("--stop-at", type=int, help="end this sitting after this step (state saved); --resume "
+                        "continues")
+    parser.add_argument("--steps", type=int, default=7000, help="the shipped teacher: 7000 (~50 min on 2 CPU cores)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
     parser.add_argument("--ema", type=float, default=0.999, help="decay of the weight average that is saved")
+    parser.add_argument("--cap-drop", type=float, default=0.1, help="caption dropout (the unconditional branch)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation, data stream and noise seed")
     parser.add_argument("--eval-samples", type=int, default=500, help="held-out samples for the final report")
-    parser.add_argument("--eval-every", type=int, default=500, help="print the EMA teacher's adherence on 64 held-out "
-                        "captions every this many steps (0: only at the end)")
+    parser.add_argument("--eval-every", type=int, default=500, help="score the EMA teacher on --eval-captions "
+                        "held-out captions every this many steps, for the learning curve (0: only at the end)")
+    parser.add_argument("--eval-captions", type=int, default=100)
+    parser.add_argument("--save-minutes", type=float, default=5.0, help="write the state at least this often")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "warmup", "eval_samples", "eval_captions"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     # Adam's second moments of tiny gradients underflow into float32 denormals, which the CPU handles ~50x
     # slower (measured: 0.6 s/step at the start, 30 s/step by step 400); flush them to zero.
     torch.set_flush_denormal(True)
 
+    # Set-up: preset, paths, networks (the EMA is the teacher that is saved)
     preset = get_preset(args.preset)
     out = args.out or os.path.join(REPO_DIR, preset.teacher)
+    state_path = args.state or (out.removesuffix(".safetensors") + "_state.pt")
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    state = load_state(state_path, settings) if args.resume else None
+    device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    dit = getattr(microdit, preset.dit_arch)(**preset.dit_kwargs).train()  # from scratch, official init
+    dit = getattr(microdit, preset.dit_arch)(**preset.dit_kwargs).to(device).train()  # official init
     ema = copy.deepcopy(dit).eval().requires_grad_(False)
-    text = preset.text_encoder.build(None, args.seed).eval()
+    text = preset.text_encoder.build(None, args.seed).to(device).eval()
     opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    # linear warm-up, then cosine decay to zero: a constant rate plateaus early on this small model
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / args.warmup,
-                                                                 0.5 * (1 + math.cos(math.pi * s / args.steps))))
-    gen = torch.Generator().manual_seed(args.seed)
-    print(f"training {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M-parameter teacher for {args.steps} "
-          f"steps at batch {args.batch_size}, sigma_data {preset.edm_config.sigma_data}")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup, args.steps))
+    gen = torch.Generator(device).manual_seed(args.seed)
+    step, curve, seconds, smooth = 0, [], 0.0, None
+    command = shlex.join(["train_teacher.py"] + (sys.argv[1:] if argv is None else argv))
+    sittings = [command]
+    if state is not None:
+        dit.load_state_dict(state["dit"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        step, curve, seconds, smooth = state["step"], state["curve"], state["seconds"], state["smooth_loss"]
+        sittings = state["sittings"] + [command]
+        print(f"resuming {state_path} at step {step} ({seconds / 60:.1f} min trained)")
+    print(f"training a {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M-parameter teacher for {args.steps} "
+          f"steps at batch {args.batch_size} on {device}, sigma_data {preset.edm_config.sigma_data}")
 
-    start, smooth = time.time(), None
-    bar = tqdm(range(args.steps), unit="step")
+    def save_state() -> None:
+        blob = dict(settings=settings, step=step, dit=dit.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                    sched=sched.state_dict(), gen=gen.get_state(), curve=curve, seconds=seconds, smooth_loss=smooth,
+                    sittings=sittings)
+        atomic_write(state_path, lambda tmp: torch.save(blob, tmp))
+
+    # Loop: batch `step` of the shapes stream is items step*B ... (step+1)*B - 1, whatever the sitting
+    last_save, stop = time.time(), min(args.steps, args.stop_at or args.steps)
+    bar = tqdm(range(step, stop), initial=step, total=args.steps, unit="step")
     for step in bar:
+        t0 = time.time()
         images, attrs = shapes.sample(args.batch_size, seed=args.seed, start=step * args.batch_size)
         y = text.encode(shapes.captions(attrs))
-        loss = edm_loss(dit, images, y, preset.edm_config, cap_drop_prob=0.1, generator=gen)
+        loss = edm_loss(dit, images.to(device), y, preset.edm_config, cap_drop_prob=args.cap_drop, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
@@ -90,24 +158,33 @@ def main() -> None:
         sched.step()
         ema_update(ema, dit, min(args.ema, (1 + step) / (10 + step)))  # warm-up: no trace of the init left
         smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        seconds += time.time() - t0
         bar.set_postfix(loss=f"{smooth:.4f}")
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            m = evaluate_teacher(ema, text.encode, preset.edm_config, 64, seed=args.seed + 10**6,
-                                 steps=preset.num_steps, guidance=preset.guidance_scale)
-            tqdm.write(f"step {step + 1}: loss {smooth:.4f}, adherence {m['adherence']:.3f} (64 held-out captions)")
-    minutes = (time.time() - start) / 60
+        step += 1  # steps done
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            m = evaluate_teacher(ema, text.encode, preset, args.eval_captions, seed=args.seed + HELD_OUT_OFFSET)
+            curve.append(dict(step=step, samples=step * args.batch_size, train_minutes=round(seconds / 60, 2),
+                              loss=round(smooth, 5), **{k: round(v, 4) for k, v in m.items()}))
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in curve[-1].items() if k != "step"))
+        if time.time() - last_save > 60 * args.save_minutes or step == stop:
+            save_state()
+            last_save = time.time()
+    if step < args.steps:
+        print(f"stopped at step {step} of {args.steps}; state in {state_path}: continue with --resume")
+        return
 
-    meta = {"command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "seed": str(args.seed),
-            "steps": str(args.steps), "train_minutes": f"{minutes:.1f}", "torch": torch.__version__,
-            "final_loss": f"{smooth:.5f}", TEXT_FINGERPRINT_KEY: json.dumps(text_fingerprint(text))}
-    state = {k: v.contiguous() for k, v in ema.state_dict().items()}
-    atomic_write(out, lambda tmp: save_file(state, tmp, metadata=meta))  # saved before the (long) evaluation
-    metrics = evaluate_teacher(ema, text.encode, preset.edm_config, args.eval_samples, seed=args.seed + 10**6,
-                               steps=preset.num_steps, guidance=preset.guidance_scale)
-    print(f"done in {minutes:.1f} min; EMA teacher at {preset.num_steps} Heun steps, guidance "
-          f"{preset.guidance_scale}: adherence {metrics['adherence']:.3f}, shapes-FD {metrics['shapes_fd']:.2f}")
+    # End: the EMA teacher, its final scores on held-out captions and how it was made
+    meta = {"command": sittings[0], "sittings": json.dumps(sittings), "device": str(device), "seed": str(args.seed),
+            "steps": str(args.steps), "batch_size": str(args.batch_size), "train_minutes": f"{seconds / 60:.1f}",
+            "torch": torch.__version__, "final_loss": f"{smooth:.5f}", "curve": json.dumps(curve),
+            TEXT_FINGERPRINT_KEY: json.dumps(text_fingerprint(text))}
+    save_weights(out, ema, meta)  # saved before the (long) evaluation
+    metrics = evaluate_teacher(ema, text.encode, preset, args.eval_samples, seed=args.seed + HELD_OUT_OFFSET)
+    print(f"done in {seconds / 60:.1f} min of training; EMA teacher at {preset.num_steps} Heun steps, guidance "
+          f"{preset.guidance_scale}, {args.eval_samples} held-out captions: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     meta.update({k: f"{v:.4f}" for k, v in metrics.items()})
-    atomic_write(out, lambda tmp: save_file(state, tmp, metadata=meta))
+    save_weights(out, ema, meta)
     print(f"wrote {out}")
 
 

@@ -1,0 +1,41 @@
+"""train_teacher.py: a run split across sittings (--stop-at, then --resume) ends with the same weights as one
+uninterrupted run, and a resume with other settings is refused."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import train_teacher
+from utils import UserError
+
+TINY_RUN = ["--steps", "4", "--batch-size", "4", "--warmup", "2", "--eval-every", "2", "--eval-captions", "2",
+            "--eval-samples", "2", "--device", "cpu"]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, one_thread):
+    whole, split = str(tmp_path / "whole.safetensors"), str(tmp_path / "split.safetensors")
+    train_teacher.main(TINY_RUN + ["--out", whole])
+    train_teacher.main(TINY_RUN + ["--out", split, "--stop-at", "3"])
+    assert not (tmp_path / "split.safetensors").exists() and (tmp_path / "split_state.pt").exists()
+    train_teacher.main(TINY_RUN + ["--out", split, "--resume"])
+    a, b = load_file(whole), load_file(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(whole, "pt") as f, safe_open(split, "pt") as g:
+        meta_a, meta_b = f.metadata(), g.metadata()
+    curves = [[{k: v for k, v in point.items() if k != "train_minutes"} for point in json.loads(m["curve"])]
+              for m in (meta_a, meta_b)]
+    assert curves[0] == curves[1] and [point["step"] for point in curves[1]] == [2]  # same scores at step 2
+    assert "--resume" in meta_b["sittings"] and meta_b["command"].endswith("--stop-at 3")
+    assert {"adherence", "acc_position", "acc_shape", "one_object", "shapes_fd_data", "shapes_fd_floor",
+            "device", "train_minutes"} <= set(meta_b)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, one_thread):
+    out = str(tmp_path / "t.safetensors")
+    train_teacher.main(TINY_RUN + ["--out", out, "--stop-at", "1"])
+    with pytest.raises(UserError, match="lr=0.001 .now 0.002"):
+        train_teacher.main(TINY_RUN + ["--out", out, "--resume", "--lr", "2e-3"])
+    with pytest.raises(UserError, match="no state file"):
+        train_teacher.main(TINY_RUN + ["--out", str(tmp_path / "other.safetensors"), "--resume"])
