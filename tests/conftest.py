@@ -17,3 +17,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh_accelerate_state(one_thread):
+    """train() and generate_data.main() set up accelerate's process-wide state: reset it after the test."""
+    from accelerate.state import AcceleratorState, PartialState
+    yield
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()

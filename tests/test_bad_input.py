@@ -6,7 +6,6 @@ import pickle
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, PartialState
 from safetensors.torch import save_file
 
 import benchmark
@@ -19,11 +18,7 @@ from utils import run_cli
 PROMPTS = ["a red circle", "a blue square"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state(one_thread):
-    yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +36,11 @@ def inputs(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in build_dit(get_preset("tiny")).state_dict().items()},
               str(root / "other_arch.safetensors"))
     # a data folder with a corrupt PNG, one with a truncated shard, one whose shards belong to another preset
-    for name in ("png_data", "shard_data", "shape_data", "good_data"):
+    for name in ("png_data", "shard_data", "shape_data", "good_data", "no_images"):
         (root / name / "images").mkdir(parents=True)
     (root / "png_data" / "captions.json").write_text(json.dumps({"00000.png": "a red circle"}), encoding="utf-8")
     (root / "png_data" / "images" / "00000.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    (root / "no_images" / "captions.json").write_text(json.dumps({"00007.png": "a red circle"}), encoding="utf-8")
     (root / "shard_data" / "latents").mkdir()
     (root / "shard_data" / "latents" / "shard_00000_00000000.safetensors").write_bytes(b"\x08\x00" + b"\x00" * 6)
     save_shard(str(root / "shape_data" / "latents" / "shard_00000_00000001.safetensors"), torch.zeros(2, 3, 32, 32),
@@ -93,6 +89,7 @@ CASES = {  # name: (script and argv from the input folder, fragment the one line
     "benchmark prompt file": (lambda r: bench(r, "--student", str(r / "other_arch.safetensors"), "--prompts-file",
                                               str(r / "broken.json")), "broken.json"),
     "corrupt PNG": (lambda r: trn(r, "--data-dir", str(r / "png_data")), "00000.png"),
+    "captions for missing images": (lambda r: trn(r, "--data-dir", str(r / "no_images")), "no captioned images"),
     "truncated latent shard": (lambda r: trn(r, "--data-dir", str(r / "shard_data")), "shard_00000_00000000"),
     "shards of another preset": (lambda r: trn(r, "--data-dir", str(r / "shape_data")), "shard_00000_00000001"),
     "corrupt checkpoint to resume": (lambda r: trn(r, "--data-dir", str(r / "good_data"), "--resume",

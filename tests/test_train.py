@@ -26,12 +26,7 @@ PROMPTS = ["a red circle", "a blue square on green", "a photo of a cat", "two do
            "a tree at night", "a yellow star", "the sea"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state(one_thread):
-    """train() sets up accelerate's process-wide state: reset it."""
-    yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
