@@ -13,7 +13,7 @@ import torch
 
 import microdit
 from pipeline import DTYPES, PRESETS, build_dit, get_preset
-from sampler import edm_sample
+from sampler import edm_sample, teacher_nfe
 from utils import run_cli
 
 
@@ -73,7 +73,7 @@ def main() -> None:
                            device, warmup=1, repeats=1)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         print(f"| {batch} | {fwd * 1e3:.1f} | {fwd_cfg * 1e3:.1f} | {peak:.2f} | "
-              f"{sample:.2f} ({args.steps}, {4 * args.steps - 2}) | {sample / batch:.3f} |")
+              f"{sample:.2f} ({args.steps}, {teacher_nfe(args.steps, args.guidance)}) | {sample / batch:.3f} |")
 
 
 if __name__ == "__main__":

@@ -46,9 +46,9 @@ from tqdm import tqdm
 import shapes
 from microdit import read_state_dict
 from pipeline import (DFN5B_HUB_ID, MICRODIT_XL_512, TINY, Pipeline, Preset, add_pipeline_args, build_dit, get_preset,
-                      pipeline_from_args)
+                      hub_offline, pipeline_from_args)
 from sampler import (SampleFn, consistency_sample, edm_sample, generate_images, load_prompts, multistep_noise,
-                     to_uint8)
+                     teacher_nfe, to_uint8)
 from train import GUIDANCE_FILE, GUIDANCE_PREFIX, PRESET_DEFAULTS, STUDENT_FILE
 from utils import UserError, atomic_write, atomic_write_json, atomic_write_text, first_line, run_cli, save_grid
 
@@ -76,11 +76,6 @@ class Config:
         return f"{self.label} {self.steps} step{'' if self.steps == 1 else 's'}"
 
 
-def teacher_nfe(steps: int, guidance: float) -> int:
-    """Heun: 2*steps - 1 calls (the last step is Euler), each a cond + uncond pair when guidance > 1."""
-    return (2 * steps - 1) * (2 if guidance > 1.0 else 1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts and students
 
@@ -103,7 +98,7 @@ def parti_prompts_file(timeout_s: float = 20.0) -> str:
         if os.path.isfile(path):
             return path
     hint = f"put {PARTI_FILE} (from {PARTI_URL}) in the working directory or pass --prompts-file PATH"
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false"):
+    if hub_offline():
         raise UserError(f"no prompt file (HF_HUB_OFFLINE is set, so nothing is downloaded): {hint}")
     print(f"downloading {PARTI_URL} -> {PARTI_CACHE}", file=sys.stderr)
     try:
@@ -455,7 +450,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     clip, note = clip_scores(images, prompts, args.clip_model, device, args.batch_size)
     fds, fd_note = inception_fds(images, reference, {c.name: os.path.join(args.out, c.folder) for c in configs}, device)
-    shape_scores, shapes_note = shapes_metrics(images, prompts, args.seed, reference) if preset.name == TINY.name \
+    shape_scores, shapes_note = shapes_metrics(images, prompts, args.seed, reference) if preset.shapes_world \
         else ({}, None)
     notes += [n for n in (note, fd_note, shapes_note) if n]
     for row in rows:

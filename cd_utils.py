@@ -342,6 +342,12 @@ def consistency_distance(f_student: torch.Tensor, f_target: torch.Tensor, cfg: C
     return ((d.square() + c**2).sqrt() - c).mean(1)
 
 
+def ema_decay(decay: float, step: int) -> float:
+    """An EMA's decay at optimizer step `step`, warmed up as min(decay, (1 + step) / (10 + step)) so that short
+    runs are not dominated by the initial weights."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
     """target <- decay * target + (1 - decay) * source over parameters and floating buffers (others copied).

@@ -46,8 +46,9 @@ VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 # ----------------------------------------------------------------------------------------------------------------
 # Local files
 
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE as huggingface_hub read it at import time, or as set in the environment since."""
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub read it at import time, or as set in the environment since (1, on,
+    true, yes: offline; anything else: online). The one place that reads it."""
     return hf_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "on", "true", "yes")
 
 
@@ -61,7 +62,7 @@ def hub_file(repo_id: str, filenames: Sequence[str]) -> Optional[str]:
         path = try_to_load_from_cache(repo_id, name)
         if isinstance(path, str):
             return path
-    if _hub_offline():
+    if hub_offline():
         return None
     try:
         return hf_hub_download(repo_id, filenames[0])
@@ -318,6 +319,7 @@ class Preset:
     teacher: Optional[str] = None
     random_dit: bool = False
     prompt_source: Optional[Callable[[int, int], list]] = None  # (num, seed) -> prompts, for a preset's own world
+    shapes_world: bool = False  # images of shapes.py: its classifier scores them (adherence, shapes-FD)
 
 
 MICRODIT_XL_512 = Preset(
@@ -376,6 +378,7 @@ TINY = Preset(
     edm_config=EDMConfig(sigma_data=shapes.PIXEL_STD, P_mean=0.5, P_std=1.5),
     teacher="weights/tiny_teacher.safetensors",
     prompt_source=lambda num, seed: shapes.captions(shapes.sample_attributes(num, seed)),
+    shapes_world=True,
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, MICRODIT_XL_512, TINY_RANDOM)}

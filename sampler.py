@@ -42,6 +42,12 @@ def edm_sample(
     return x.to(torch.float32)
 
 
+def teacher_nfe(num_steps: int, guidance_scale: float) -> int:
+    """Network passes per image of `edm_sample`: 2*num_steps - 1 calls (the last step is Euler), each a cond +
+    uncond pair when guidance_scale > 1 (as the sampler guides only then)."""
+    return (2 * num_steps - 1) * (2 if guidance_scale > 1.0 else 1)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Prompt files and batched text-to-image generation (teacher data, evaluation images)
 

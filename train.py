@@ -15,8 +15,8 @@ CDConfig (an EMA of the student with decay target_decay, or for target_decay = 0
 no_grad: no copy), and a slow EMA of the student (--ema) that is validated and exported, as the EMA weights of a
 diffusion model are. With --ema 0 the online student is validated and exported.
 
-Outputs in --out-dir: log.jsonl (one line per step), val/step_XXXXXX.png (rows = validation prompts, columns =
-teacher at its 30 Heun steps | student at 1 | 2 | 4 steps), val_metrics.jsonl, training_loss.png,
+Outputs in --out-dir: log.jsonl (one line per step), val/step_XXXXXX.png (rows = validation prompts, captioned;
+columns = teacher at its 30 Heun steps | student at 1 | 2 | 4 steps, titled), val_metrics.jsonl, training_loss.png,
 val_metrics.png, checkpoints/ckpt_XXXXXX.pt (the last --keep-ckpts), config.json, student_final.safetensors
 (official DiT layout) and, for a w-conditioned student (--w-min/--w-max), guidance_embedder.safetensors.
 
@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 import generate_data
 import shapes
-from cd_utils import CDConfig, INDEX_DISTS, LOSSES, SOLVERS, WEIGHTINGS, cd_loss, ema_update
+from cd_utils import CDConfig, INDEX_DISTS, LOSSES, SOLVERS, WEIGHTINGS, cd_loss, ema_decay, ema_update
 from dataset import CAPTIONS_CSV, CAPTIONS_JSON, MANIFEST_JSON, check_data_dir, get_dataloader, list_shards
 from pipeline import Pipeline, add_pipeline_args, build_dit, get_preset, pipeline_from_args, teacher_path
 from sampler import consistency_sample, generate_images, load_prompts, multistep_noise, to_uint8
@@ -64,17 +64,17 @@ try:  # optional
 except ImportError:
     SummaryWriter = None
 
-# Per-preset defaults; every key but `metrics` is also a flag (--data-dir, --steps, ...) that overrides it.
+# Per-preset defaults; every key is also a flag (--data-dir, --steps, ...) that overrides it.
 # batch_size is per process; the effective batch is batch_size x grad_accum x processes.
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     # 6.6 min on 2 CPU cores (measured): 512 teacher samples (30 Heun steps), 300 steps at batch 32, 4 validations.
     "tiny": dict(data_dir="data/tiny", out_dir="runs/cd-tiny", gen_num=512, gen_batch_size=64, steps=300,
                  batch_size=32, lr=1e-4, warmup=20, ema=0.99, val_every=100, val_samples=128, val_grid=8,
-                 val_prompts=None, ckpt_every=100, num_workers=0, metrics="shapes"),
+                 val_prompts=None, ckpt_every=100, num_workers=0),
     "tiny-random": dict(data_dir="data/tiny-random", out_dir="runs/cd-tiny-random", gen_num=64, gen_batch_size=16,
                         steps=50, batch_size=8, lr=1e-4, warmup=10, ema=0.99, val_every=25, val_samples=2,
                         val_grid=2, val_prompts=("a red circle on a blue background", "a photo of a cat"),
-                        ckpt_every=25, num_workers=0, metrics=None),
+                        ckpt_every=25, num_workers=0),
     "microdit-xl-512": dict(data_dir="data/teacher", out_dir="runs/microdit-xl-512", gen_num=5000,
                             gen_batch_size=32, steps=10000, batch_size=32, lr=1e-5, warmup=500, ema=0.999,
                             val_every=500, val_samples=4, val_grid=4,
@@ -82,7 +82,7 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
                                          "a bowl of ramen on a wooden table, studio lighting",
                                          "a watercolor painting of a lighthouse at sunset",
                                          "a red fox sitting in fresh snow, close-up"),
-                            ckpt_every=1000, num_workers=4, metrics=None),
+                            ckpt_every=1000, num_workers=4),
 }
 RECIPES = {"default": CDConfig, "seed": CDConfig.seed_recipe}
 # CDConfig field -> (flag, help); unset flags keep the --recipe's value. guidance_range is --w-min/--w-max.
@@ -189,7 +189,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if preset.name not in PRESET_DEFAULTS:
         raise UserError(f"train.py has no defaults for preset {preset.name}; add it to PRESET_DEFAULTS")
     for key, value in PRESET_DEFAULTS[preset.name].items():
-        if key != "metrics" and getattr(args, key) is None:
+        if getattr(args, key) is None:
             setattr(args, key, value)
     problems = [f"--{k.replace('_', '-')} must be >= 1" for k in ("steps", "batch_size", "grad_accum", "keep_ckpts",
                                                                   "val_samples", "gen_num", "gen_batch_size")
@@ -271,12 +271,6 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     if schedule == "constant":
         return 1.0
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-def ema_decay(decay: float, step: int) -> float:
-    """The slow EMA's decay at optimizer step `step`, warmed up as min(decay, (1 + step) / (10 + step)) so that
-    short runs are not dominated by the initial (teacher) weights."""
-    return min(decay, (1 + step) / (10 + step))
 
 
 def teacher_calls(cd: CDConfig) -> int:
@@ -385,7 +379,7 @@ class Validator:
         n = args.val_samples
         self.seeds = [args.val_seed + i for i in range(n)]
         self.real = None
-        if PRESET_DEFAULTS[args.preset]["metrics"] == "shapes" and not args.val_prompts:
+        if pipe.preset.shapes_world and not args.val_prompts:
             real, attrs = shapes.sample(n, args.val_seed)
             self.prompts, self.real = shapes.captions(attrs), (real + 1) / 2
         else:

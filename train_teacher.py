@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import microdit
 import shapes
-from cd_utils import edm_loss, ema_update
+from cd_utils import edm_loss, ema_decay, ema_update
 from pipeline import REPO_DIR, TEXT_FINGERPRINT_KEY, get_preset, text_fingerprint
 from sampler import edm_sample, initial_noise
 from utils import UserError, atomic_write, load_torch_file, run_cli
@@ -116,7 +116,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     state = load_state(state_path, settings) if args.resume else None
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    dit = getattr(microdit, preset.dit_arch)(**preset.dit_kwargs).to(device).train()  # official init
+    dit = getattr(microdit, preset.dit_arch)(**preset.dit_kwargs).to(device).train()  # the preset's init_std
     ema = copy.deepcopy(dit).eval().requires_grad_(False)
     text = preset.text_encoder.build(None, args.seed).to(device).eval()
     opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -156,7 +156,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
         opt.step()
         sched.step()
-        ema_update(ema, dit, min(args.ema, (1 + step) / (10 + step)))  # warm-up: no trace of the init left
+        ema_update(ema, dit, ema_decay(args.ema, step))
         smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
         seconds += time.time() - t0
         bar.set_postfix(loss=f"{smooth:.4f}")
