@@ -82,6 +82,12 @@ def read_shard_index(path: str) -> tuple[list[int], list[str]]:
     return indices, prompts
 
 
+def shard_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Per-item shapes of a shard, from its header: {'latents': (C, h, w), 'embeddings': (1, L, D)}."""
+    with safe_open(path, "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()[1:]) for k in ("latents", "embeddings")}
+
+
 def list_shards(data_dir: str) -> list[str]:
     """Sorted paths of the latent shards in DATA_DIR/latents (empty if there are none)."""
     folder = os.path.join(data_dir, LATENTS_DIR)
@@ -230,13 +236,12 @@ class LatentCaptionDataset(Dataset):
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-item shapes: {'latents': (C, h, w), 'embeddings': (1, L, D)}."""
-        with safe_open(self.shards[0], "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()[1:]) for k in ("latents", "embeddings")}
+        return shard_shapes(self.shards[0])
 
 
 def check_data_dir(data_dir: str, latent_shape: Optional[Sequence[int]] = None,
-                   text_width: Optional[int] = None) -> str:
-    """Read what training will read, in seconds, before any expensive work; returns "latents" or "images".
+                   text_width: Optional[int] = None) -> None:
+    """Read what training will read, in seconds, before any expensive work.
 
     With latent shards (what `get_dataloader` prefers): every shard's header, and latents (C, h, w) equal to
     `latent_shape` and embeddings of width `text_width` where given. Else: the captions parse and every captioned
@@ -245,16 +250,15 @@ def check_data_dir(data_dir: str, latent_shape: Optional[Sequence[int]] = None,
     _require_dir(data_dir)
     shards = list_shards(data_dir)
     for path in shards:
-        read_shard_index(path)
-        with safe_open(path, "pt") as f:
-            latents, embeddings = (tuple(f.get_slice(k).get_shape()[1:]) for k in ("latents", "embeddings"))
+        read_shard_index(path)  # a corrupt header is a UserError naming the shard
+        latents, embeddings = shard_shapes(path).values()
         if (latent_shape is not None and latents != tuple(latent_shape)) or (
                 text_width is not None and embeddings[-1] != text_width):
             raise UserError(f"{path}: latents {latents} and embeddings {embeddings} do not fit this preset "
                             f"(latents {tuple(latent_shape or latents)}, text width {text_width}); use the "
                             "preset's own teacher data")
     if shards:
-        return "latents"
+        return
     image_dir = os.path.join(data_dir, IMAGES_DIR)
     for name in read_captions(data_dir):
         path = os.path.join(image_dir, name)
@@ -264,7 +268,6 @@ def check_data_dir(data_dir: str, latent_shape: Optional[Sequence[int]] = None,
                     im.verify()
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
                 raise UserError(f"cannot read image {path} ({e})") from None
-    return "images"
 
 
 # ----------------------------------------------------------------------------------------------------------
