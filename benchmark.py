@@ -44,13 +44,13 @@ from PIL import Image
 from tqdm import tqdm
 
 import shapes
-from microdit import read_state_dict
-from pipeline import (DFN5B_HUB_ID, MICRODIT_XL_512, TINY, Pipeline, Preset, add_pipeline_args, build_dit, get_preset,
-                      hub_offline, pipeline_from_args)
+from dataset import image_name
+from pipeline import (DFN5B_HUB_ID, GUIDANCE_FILE, MICRODIT_XL_512, STUDENT_FILE, TINY, Pipeline, Preset,
+                      add_pipeline_args, get_preset, hub_offline, load_student, pipeline_from_args)
 from sampler import (SampleFn, consistency_sample, edm_sample, generate_images, load_prompts, multistep_noise,
                      teacher_nfe, to_uint8)
-from train import GUIDANCE_FILE, GUIDANCE_PREFIX, PRESET_DEFAULTS, STUDENT_FILE
 from utils import UserError, atomic_write, atomic_write_json, atomic_write_text, first_line, run_cli, save_grid
+from validation import steps_label
 
 PARTI_URL = "https://raw.githubusercontent.com/google-research/parti/main/PartiPrompts.tsv"  # Apache-2.0
 PARTI_FILE = "PartiPrompts.tsv"
@@ -73,7 +73,7 @@ class Config:
 
     @property
     def name(self) -> str:
-        return f"{self.label} {self.steps} step{'' if self.steps == 1 else 's'}"
+        return f"{self.label} {steps_label(self.steps)}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def parti_prompts_file(timeout_s: float = 20.0) -> str:
 
 def student_labels(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     """(path, label, folder prefix) per --student; checks that the files exist and the labels are distinct."""
-    paths = args.student or [os.path.join(PRESET_DEFAULTS[args.preset]["out_dir"], STUDENT_FILE)]
+    paths = args.student or [os.path.join(get_preset(args.preset).run_dir, STUDENT_FILE)]
     for path in paths:
         if not os.path.isfile(path):
             hint = f"run `python train.py --preset {args.preset}` first" if not args.student else "check the path"
@@ -131,22 +131,6 @@ def student_labels(args: argparse.Namespace) -> list[tuple[str, str, str]]:
         raise UserError(f"students share a label ({', '.join(labels)}); name them with --labels")
     prefixes = [REFERENCE_PREFIX] if len(paths) == 1 and not args.labels else labels
     return list(zip(paths, labels, prefixes))
-
-
-def load_student(pipe: Pipeline, path: str) -> tuple[torch.nn.Module, bool]:
-    """A student DiT (frozen, on the pipeline's device and dtype) and whether it is w-conditioned (it has a sibling
-    GUIDANCE_FILE, as train.py exports it)."""
-    dit = build_dit(pipe.preset, path)
-    embedder = os.path.join(os.path.dirname(path), GUIDANCE_FILE)
-    w_conditioned = os.path.isfile(embedder)
-    if w_conditioned:
-        dit.add_guidance_embedder()
-        state = {k.removeprefix(GUIDANCE_PREFIX): v for k, v in read_state_dict(embedder).items()}
-        try:
-            dit.guidance_embedder.load_state_dict(state)
-        except RuntimeError as e:
-            raise UserError(f"{embedder} does not fit the student's guidance embedder ({first_line(e)})") from None
-    return dit.requires_grad_(False).eval().to(device=pipe.device, dtype=pipe.dtype), w_conditioned
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,15 +194,10 @@ def run_config(pipe: Pipeline, config: Config, prompts: Sequence[str], seeds: Se
     return np.concatenate(images), timing
 
 
-def image_file(index: int, num_images: int) -> str:
-    """NNNN.png: zero-padded to max(4, digits of the largest index)."""
-    return f"{index:0{max(4, len(str(num_images - 1)))}d}.png"
-
-
 def write_folder(folder: str, prompts: Sequence[str], images: np.ndarray) -> None:
     """NNNN.png per image and prompts.txt ("NNNN.png<TAB>prompt" per line; tabs and newlines in a prompt become
     spaces); numbered PNGs left by an earlier, longer run are removed."""
-    names = [image_file(i, len(prompts)) for i in range(len(prompts))]
+    names = [image_name(i, len(prompts)) for i in range(len(prompts))]
     for name, image in zip(names, images):
         atomic_write(os.path.join(folder, name), lambda tmp, im=image: Image.fromarray(im).save(tmp, format="PNG"))
     one_line = [re.sub(r"[\t\r\n]", " ", prompt) for prompt in prompts]
@@ -300,8 +279,9 @@ def inception_fds(images: dict[str, np.ndarray], reference: str, folders: dict[s
 
 def shapes_metrics(images: dict[str, np.ndarray], prompts: Sequence[str], seed: int,
                    reference: str) -> tuple[dict[str, dict[str, float]], Optional[str]]:
-    """Shapes-world metrics per configuration and for "data", real images rendered for the same captions (the
-    jitter of stream `seed`): prompt adherence, shapes-FD to the `reference` (teacher-30) images and to the data.
+    """`shapes.score` per configuration and for DATA, real images rendered for the same captions (the jitter of
+    stream `seed`), with shapes-FD to the data and to the `reference` (teacher-30) images: shapes_fd_data,
+    shapes_fd_teacher (a set is not compared with itself).
 
     Returns ({name: metrics}, None), or ({}, a one-line note) for prompts outside the shapes grammar, fewer than
     2 images or no trained classifier.
@@ -315,15 +295,11 @@ def shapes_metrics(images: dict[str, np.ndarray], prompts: Sequence[str], seed: 
         return {}, f"shapes metrics: skipped, {e}"
     data = to_uint8((shapes.render(attrs, shapes.sample_jitter(len(prompts), seed)) + 1) / 2)
     sets = {DATA: data, **images}
-    feats = {name: shapes.shapes_features(to_unit(x), classifier) for name, x in sets.items()}
-    metrics = {}
-    for name, x in sets.items():
-        metrics[name] = {"adherence": shapes.prompt_adherence(to_unit(x), prompts, classifier)}
-        for key, other in (("shapes_fd_teacher30", reference), ("shapes_fd_data", DATA)):
-            if other in feats and other != name:
-                metrics[name][key] = shapes.frechet_distance(feats[name], feats[other])
-    return metrics, None
-
+    references = {"data": DATA, "teacher": reference}
+    features = {ref: shapes.shapes_features(to_unit(sets[name]), classifier)
+                for ref, name in references.items() if name in sets}
+    return {name: shapes.score(to_unit(x), prompts, {ref: f for ref, f in features.items() if references[ref] != name},
+                               classifier) for name, x in sets.items()}, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -343,7 +319,9 @@ COLUMNS = (  # (header, row key, format); a column is shown when some row has a 
     ("CLIP score", "clip_score", "{:.2f}"),
     ("FD-Inception to teacher 30", "fd_inception_teacher30", "{:.2f}"),
     ("adherence", "adherence", "{:.3f}"),
-    ("shapes-FD to teacher 30", "shapes_fd_teacher30", "{:.3f}"),
+    *((f"acc. {a}", f"acc_{a}", "{:.3f}") for a in shapes.ATTRIBUTES),
+    ("one object", "one_object", "{:.3f}"),
+    ("shapes-FD to teacher 30", "shapes_fd_teacher", "{:.3f}"),
     ("shapes-FD to data", "shapes_fd_data", "{:.3f}"),
 )
 
@@ -354,8 +332,10 @@ LEGEND = (  # (row key, line): a line is shown when its column is
                                "30-step images of the same prompts and seeds (how closely the student reproduces "
                                "the teacher); biased upwards on a few hundred images: compare rows, not papers."),
     ("adherence", "- Adherence: share of images whose attributes, as the shapes classifier predicts them, all match "
-                  "the caption."),
-    ("shapes_fd_teacher30", "- shapes-FD to teacher 30: Frechet distance in shapes-classifier features to the "
+                  "the caption; acc. <attribute>: the share with that attribute right."),
+    ("one_object", "- One object: share of images with exactly one object (connected components, "
+                   "`shapes.count_objects`), as every real image has."),
+    ("shapes_fd_teacher", "- shapes-FD to teacher 30: Frechet distance in shapes-classifier features to the "
                             "teacher's 30-step images (same prompts, same seeds): closeness to the teacher."),
     ("shapes_fd_data", "- shapes-FD to data: the same distance to real shapes images rendered for the same captions "
                        "(the cleaner reference: sample quality against the data itself)."),
@@ -422,7 +402,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     configs = [teacher_config(ref_steps)] if args.compare_teacher else []
     student_settings = []
     for path, label, prefix in students:
-        dit, w_conditioned = load_student(pipe, path)
+        dit, w_conditioned = load_student(preset, path)
+        dit.requires_grad_(False).eval().to(device=pipe.device, dtype=pipe.dtype)
         w = (guidance if args.student_guidance is None else args.student_guidance) if w_conditioned else None
         student_settings.append(dict(label=label, path=path, w_conditioned=w_conditioned, guidance=w))
         net = compiled(dit)
@@ -481,8 +462,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="image i uses noise seed SEED + i (and, on the tiny "
                         "preset, SEED also draws the default captions)")
     parser.add_argument("--student", nargs="+", metavar="PATH", help="student DiT state dicts (default: the "
-                        f"output of `python train.py --preset PRESET`, e.g. {PRESET_DEFAULTS[TINY.name]['out_dir']}/"
-                        f"{STUDENT_FILE})")
+                        f"output of `python train.py --preset PRESET`, e.g. {TINY.run_dir}/{STUDENT_FILE})")
     parser.add_argument("--labels", nargs="+", help="one label per --student (default: each file's folder name)")
     parser.add_argument("--student-guidance", type=float, help="w of w-conditioned students (those with a "
                         f"sibling {GUIDANCE_FILE}; default: the preset's guidance scale)")

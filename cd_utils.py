@@ -239,12 +239,8 @@ class CDConfig:
     sigma_max, indexed ASCENDING (sigma_0 = sigma_min, sigma_{N-1} = sigma_max). A step draws n in [0, N-1-skip],
     the student sees sigma_{n+skip}, the teacher steps down to sigma_n and the target sees sigma_n.
 
-    Defaults as measured on the Gaussian-mixture distillation in tests/test_cd.py (400-1000 Adam steps, 1-step error
-    to the exact ODE map and sliced Wasserstein at 1/2/4 steps): a teacher step spanning 1/20 of the Karras range
-    (N=40 k=2; N=20 k=1 and N=80 k=4 tie, N=40 k=1 converges slower, k/N >= 1/10 makes 2-4-step samples worse);
-    Heun over Euler (better or tied); EMA target 0.95 (0.9 ties, 0.99 slow, mu=0 diverged at every Adam lr tried);
-    per-sample pseudo-Huber (ties the elementwise form, beats L2); lognormal n (better 2-4-step samples); uniform
-    lambda (1/gap was clearly worse).
+    The defaults were chosen on the Gaussian-mixture distillation (tests/test_cd.py), then on the shapes lab:
+    BENCHMARKS.md, "Consistency distillation on an exact teacher" and "Choosing the recipe on the shapes lab".
     """
 
     num_scales: int = 40  # N
@@ -278,14 +274,19 @@ class CDConfig:
             check(len(self.guidance_range) == 2 and self.guidance_range[0] <= self.guidance_range[1],
                   f"guidance_range must be (w_min, w_max) with w_min <= w_max, got {self.guidance_range}")
 
-    @classmethod
-    def seed_recipe(cls, **overrides) -> "CDConfig":
-        """The seed recipe: one Euler teacher step between adjacent Karras points (k = 1), target = the online
-        student without gradient (mu = 0), elementwise pseudo-Huber with c = 0.001 (LCM), uniform n and weighting.
-        `overrides` replace any field (e.g. num_scales)."""
-        seed = dict(skip=1, solver="euler", target_decay=0.0, loss="pseudo_huber_elementwise", huber_c=0.001,
-                    weighting="uniform", index_dist="uniform")
-        return cls(**{**seed, **overrides})
+
+
+# The seed recipe, as overrides of CDConfig: one Euler teacher step between adjacent Karras points (k = 1), target =
+# the online student without gradient (mu = 0), elementwise pseudo-Huber with c = 0.001 (LCM), uniform n and lambda.
+SEED_RECIPE = dict(skip=1, solver="euler", target_decay=0.0, loss="pseudo_huber_elementwise", huber_c=0.001,
+                   weighting="uniform", index_dist="uniform")
+
+
+def teacher_calls(cfg: CDConfig) -> int:
+    """Teacher network passes per sample in one CD step (`teacher_ode_step`): 2 (Heun) or 1 (Euler) calls, x2
+    for the conditional and unconditional branches of a guided teacher."""
+    guided = cfg.guidance_range is not None or cfg.guidance != 1.0
+    return (2 if cfg.solver == "heun" else 1) * (2 if guided else 1)
 
 
 def cd_sigmas(

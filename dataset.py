@@ -1,7 +1,7 @@
 """Training data for distillation: the teacher-data folder written by generate_data.py, and an image folder.
 
 DATA_DIR layout (generate_data.py writes all of it; a hand-made image folder needs only images/ and captions):
-    images/NNNNN.png    image of item NNNNN (zero-padded, >= 5 digits)
+    images/NNNN.png     image of item NNNN (zero-padded, >= 4 digits; `image_name`)
     captions.json       {file name: caption}, or captions.csv with columns file_name, caption
     latents/shard_*.safetensors   one per generated batch (`save_shard`): latents (B, C, h, w) float16 = the
                         teacher's final latents, embeddings (B, 1, 77, D) float16 = its text embeddings,
@@ -41,8 +41,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def image_name(index: int, num_items: int) -> str:
-    """File name of item `index` of `num_items`: zero-padded to max(5, digits of the largest index), '.png'."""
-    return f"{index:0{max(5, len(str(num_items - 1)))}d}.png"
+    """File name of image `index` of `num_items` (teacher data, benchmark folders): NNNN.png, zero-padded to
+    max(4, digits of the largest index)."""
+    return f"{index:0{max(4, len(str(num_items - 1)))}d}.png"
 
 
 def shard_name(indices: Sequence[int]) -> str:
@@ -177,7 +178,7 @@ class ImageCaptionDataset(Dataset):
     an image without a caption is ignored; a corrupt image raises UserError naming it when it is loaded.
     """
 
-    def __init__(self, data_dir: str, resolution: int, max_samples: Optional[int] = None):
+    def __init__(self, data_dir: str, resolution: int):
         _require_dir(data_dir)
         captions = read_captions(data_dir)
         image_dir = os.path.join(data_dir, IMAGES_DIR)
@@ -190,7 +191,6 @@ class ImageCaptionDataset(Dataset):
                   file=sys.stderr)
         if not present:
             raise UserError(f"{data_dir}: no captioned images in {image_dir}")
-        present = present[:max_samples] if max_samples is not None else present
         self.paths = [os.path.join(image_dir, n) for n in present]
         self.captions = [captions[n] for n in present]
         self.resolution = resolution
@@ -205,13 +205,13 @@ class ImageCaptionDataset(Dataset):
 class LatentCaptionDataset(Dataset):
     """Teacher latents and text embeddings from DATA_DIR/latents, sorted by prompt index.
 
-    Item: dict(latents float16 (C, h, w), embeddings float16 (1, 77, D), index=int prompt index (image NNNNN),
+    Item: dict(latents float16 (C, h, w), embeddings float16 (1, 77, D), index=int prompt index (image NNNN),
     caption=str). Tensors come as stored (float16, half the host-to-device traffic): the trainer casts them.
     Rows are read lazily through a memory map (only the headers are read here). An index stored in two shards
     (a regenerated item) is used once, from the first shard in file order.
     """
 
-    def __init__(self, data_dir: str, max_samples: Optional[int] = None):
+    def __init__(self, data_dir: str):
         _require_dir(data_dir)
         self.shards = list_shards(data_dir)
         if not self.shards:
@@ -221,7 +221,7 @@ class LatentCaptionDataset(Dataset):
             indices, prompts = read_shard_index(path)
             for row, (index, prompt) in enumerate(zip(indices, prompts)):
                 items.setdefault(index, (s, row, prompt))
-        self.indices = sorted(items)[:max_samples] if max_samples is not None else sorted(items)
+        self.indices = sorted(items)
         self.rows = [items[i][:2] for i in self.indices]
         self.captions = [items[i][2] for i in self.indices]
 
@@ -278,26 +278,23 @@ class InfiniteSampler(Sampler[int]):
     """Endless, deterministic stream of dataset indices, sharded over ranks.
 
     The global stream is pass 0, pass 1, ...; pass e is a permutation of range(len(dataset)) drawn from
-    numpy's generator seeded with (seed, e) (the identity when shuffle=False). Rank r takes global positions
+    numpy's generator seeded with (seed, e). Rank r takes global positions
     r, r + world_size, r + 2 world_size, ...; `start_index` skips the first start_index of those, so a run that
     resumes with start_index = samples this rank has consumed (steps * per-rank batch size: the trainer counts
     them, since DataLoader workers read ahead of the training loop) continues the exact stream.
     """
 
-    def __init__(self, dataset: Sequence, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 start_index: int = 0):
+    def __init__(self, dataset: Sequence, seed: int = 0, rank: int = 0, world_size: int = 1, start_index: int = 0):
         if len(dataset) == 0:
             raise UserError("cannot sample from an empty dataset")
         if not 0 <= rank < world_size or start_index < 0:
             raise ValueError(f"need 0 <= rank < world_size and start_index >= 0, got rank {rank}, "
                              f"world_size {world_size}, start_index {start_index}")
-        self.n, self.shuffle, self.seed = len(dataset), shuffle, seed
+        self.n, self.seed = len(dataset), seed
         self.rank, self.world_size, self.start_index = rank, world_size, start_index
 
     def permutation(self, epoch: int) -> np.ndarray:
         """Dataset order of pass `epoch` of the global stream."""
-        if not self.shuffle:
-            return np.arange(self.n)
         return np.random.default_rng([self.seed, epoch]).permutation(self.n)
 
     def __iter__(self) -> Iterator[int]:
@@ -320,27 +317,21 @@ def get_dataloader(
     start_index: int = 0,
     num_workers: int = 2,
     resolution: Optional[int] = None,
-    max_samples: Optional[int] = None,
-    kind: str = "auto",
 ) -> DataLoader:
     """Endless DataLoader over DATA_DIR for one rank: batches of `batch_size` items from `InfiniteSampler`.
 
-    kind: "latents" (LatentCaptionDataset), "images" (ImageCaptionDataset, needs `resolution`) or "auto" (latent
-    shards when DATA_DIR has them, else images + captions). start_index: samples this rank already consumed.
+    The latent shards (LatentCaptionDataset) when DATA_DIR has them, else its images + captions
+    (ImageCaptionDataset, at `resolution`). start_index: samples this rank already consumed.
     Batches are dicts of stacked tensors, `caption` a list of str.
     """
     _require_dir(data_dir)
-    if kind == "auto":
-        kind = "latents" if list_shards(data_dir) else "images"
-    if kind == "latents":
-        dataset: Dataset = LatentCaptionDataset(data_dir, max_samples)
-    elif kind == "images":
-        if resolution is None:
-            raise UserError(f"{data_dir} has no latent shards: training on its images needs a resolution")
-        dataset = ImageCaptionDataset(data_dir, resolution, max_samples)
+    if list_shards(data_dir):
+        dataset: Dataset = LatentCaptionDataset(data_dir)
+    elif resolution is None:
+        raise UserError(f"{data_dir} has no latent shards: training on its images needs a resolution")
     else:
-        raise ValueError(f"kind must be auto, latents or images, got {kind!r}")
-    sampler = InfiniteSampler(dataset, True, seed, rank, world_size, start_index)
+        dataset = ImageCaptionDataset(data_dir, resolution)
+    sampler = InfiniteSampler(dataset, seed, rank, world_size, start_index)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=num_workers > 0)
 

@@ -3,7 +3,7 @@
 Every item i of the prompt list gets the teacher's Heun sampler (30 steps, guidance 5.0 by default) from the
 noise of seed `--seed + i`, so the output does not depend on resumption or the number of ranks (bit-identical
 for one --batch-size on one kind of hardware; another batch size changes only the rounding of batched kernels).
-The folder layout is described in dataset.py (images/NNNNN.png, captions.json, latents/shard_*.safetensors,
+The folder layout is described in dataset.py (images/NNNN.png, captions.json, latents/shard_*.safetensors,
 manifest.json). A rerun resumes: an item is finished when its PNG and its latents are on disk; every file is
 written to a temporary name and renamed, so a killed run loses at most the batches in flight.
 
@@ -97,12 +97,14 @@ def generate_batches(pipe: Pipeline, prompts: Sequence[str], batches: Sequence[S
             pending.popleft().result()
 
 
-def data_settings(args: argparse.Namespace, prompts: Sequence[str]) -> dict:
+def data_settings(pipe_args: argparse.Namespace, prompts: Sequence[str], steps: int, guidance: float,
+                  seed: int) -> dict:
     """What determines the data: a rerun into the same folder must match it."""
     digest = hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode("utf-8")).hexdigest()
-    return dict(preset=args.preset, teacher=os.path.basename(args.teacher) if args.teacher else None,
-                steps=args.steps, guidance=args.guidance, seed=args.seed, dtype=args.dtype,
-                vae_dtype=args.vae_dtype or args.dtype, num_prompts=len(prompts), prompts_sha256=digest)
+    teacher = os.path.basename(pipe_args.teacher) if pipe_args.teacher else None
+    return dict(preset=pipe_args.preset, teacher=teacher, steps=steps, guidance=guidance, seed=seed,
+                dtype=pipe_args.dtype, vae_dtype=pipe_args.vae_dtype or pipe_args.dtype, num_prompts=len(prompts),
+                prompts_sha256=digest)
 
 
 def check_settings(data_dir: str, settings: dict) -> None:
@@ -152,13 +154,18 @@ def get_prompts(args: argparse.Namespace, is_main: bool) -> list[str]:
             print(f"wrote {len(prompts)} prompts sampled from {args.sample_from} (seed {args.sample_seed}) "
                   f"to {args.prompts}")
         return prompts
-    if args.prompts:
-        return load_prompts(args.prompts, args.field)
-    # A preset with its own prompts (the shapes world) has prompt_source(num, seed) -> list[str].
-    prompt_source = get_preset(args.preset).prompt_source
+    return data_prompts(args.preset, args.prompts, args.num, args.sample_seed, args.field)
+
+
+def data_prompts(preset: str, prompts_file: Optional[str], num: int, seed: int = 0, field: str = "Prompt") -> list[str]:
+    """The prompts of --prompts FILE, else `num` of the preset's own prompts drawn from `seed` (the shapes world);
+    UserError naming where to get a prompt list for a preset without its own."""
+    if prompts_file:
+        return load_prompts(prompts_file, field)
+    prompt_source = get_preset(preset).prompt_source  # (num, seed) -> list[str]
     if prompt_source is None:
         raise UserError(NO_PROMPTS_HINT)
-    return prompt_source(args.num, args.sample_seed)
+    return prompt_source(num, seed)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -195,38 +202,44 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    args = parse_args(argv)
-    state = PartialState(cpu=args.device == "cpu")  # rank, world size, device under `accelerate launch`
-    prompts = get_prompts(args, state.is_main_process)
-    if not args.out:
-        return
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} exists and is not a folder")
-    device = torch.device(args.device) if args.device else state.device
-    settings = data_settings(args, prompts)
-    check_settings(args.out, settings)
-    done = finished_items(args.out, len(prompts))
+def generate(pipe_args: argparse.Namespace, prompts: Sequence[str], data_dir: str, batch_size: int,
+             steps: int, guidance: float, seed: int = TEACHER_DATA_SEED, device: Optional[str] = None) -> None:
+    """Fill (or finish) DATA_DIR with the teacher data of `prompts`: item i from noise seed `seed` + i, `steps`
+    guided Heun steps. pipe_args: the options of `add_pipeline_args` (--preset --teacher ...). Under `accelerate
+    launch` every process takes its share of the batches; device: default this rank's accelerator or cpu."""
+    state = PartialState(cpu=device == "cpu")  # rank, world size, device under `accelerate launch`
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"--out {data_dir} exists and is not a folder")
+    device = torch.device(device) if device else state.device
+    settings = data_settings(pipe_args, prompts, steps, guidance, seed)
+    check_settings(data_dir, settings)
+    done = finished_items(data_dir, len(prompts))
     todo = [i for i in range(len(prompts)) if i not in done]
     # every weight loads (a bad --teacher, VAE or text encoder fails here) before anything is written
-    pipe = pipeline_from_args(args, device) if todo else None
+    pipe = pipeline_from_args(pipe_args, device) if todo else None
     state.wait_for_everyone()  # every rank has listed the finished items before any rank writes
     if state.is_main_process:
-        write_summary_files(args.out, prompts, settings)  # records the settings for a resumed run
-    batches = rank_batches(todo, args.batch_size, state.process_index, state.num_processes)
+        write_summary_files(data_dir, prompts, settings)  # records the settings for a resumed run
+    batches = rank_batches(todo, batch_size, state.process_index, state.num_processes)
 
     t0, count = time.time(), sum(map(len, batches))
     if batches:
-        generate_batches(pipe, prompts, batches, args.out, args.steps, args.guidance, args.seed,
-                         show_progress=state.is_main_process)
+        generate_batches(pipe, prompts, batches, data_dir, steps, guidance, seed, show_progress=state.is_main_process)
     seconds = time.time() - t0
     print(f"rank {state.process_index}/{state.num_processes}: {count} images in {seconds:.1f} s "
           f"({count / max(seconds, 1e-9):.2f} img/s)", file=sys.stderr)
     state.wait_for_everyone()
     if state.is_main_process:
-        manifest = write_summary_files(args.out, prompts, settings)
-        print(f"{args.out}: {manifest['num_finished']}/{len(prompts)} items finished ({len(done)} were already "
-              f"there), {args.steps} steps, guidance {args.guidance}, seed {args.seed}")
+        manifest = write_summary_files(data_dir, prompts, settings)
+        print(f"{data_dir}: {manifest['num_finished']}/{len(prompts)} items finished ({len(done)} were already "
+              f"there), {steps} steps, guidance {guidance}, seed {seed}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    prompts = get_prompts(args, PartialState(cpu=args.device == "cpu").is_main_process)
+    if args.out:
+        generate(args, prompts, args.out, args.batch_size, args.steps, args.guidance, args.seed, args.device)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Protocol, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import open_clip
@@ -28,11 +28,12 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from open_clip.transformer import TextTransformer
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import microdit
 import shapes
 from cd_utils import EDM, EDMConfig
-from utils import UserError, first_line
+from utils import UserError, atomic_write, first_line
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -199,14 +200,10 @@ class SDXLVAECodec(nn.Module):
         self.scaling_factor = float(vae.config.scaling_factor)  # 0.13025 for SDXL
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """images (B, 3, H, W) in [-1, 1] -> float32 latents (B, C, H/8, W/8), times the scaling factor.
-
-        The posterior mean (deterministic) unless a `generator` is given, which draws a posterior sample
-        from it as the official latent precompute scripts do (`latent_dist.sample()`).
-        """
-        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
-        z = dist.mean if generator is None else dist.sample(generator)
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> float32 latents (B, C, H/8, W/8), times the scaling factor: the
+        posterior mean (deterministic)."""
+        z = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist.mean
         return (z * self.scaling_factor).float()
 
     @torch.no_grad()
@@ -289,29 +286,21 @@ class PixelCodec:
 # ----------------------------------------------------------------------------------------------------------------
 # Presets
 
-class TextEncoderSpec(Protocol):
-    width: int
-
-    def build(self, source: Optional[str], seed: int) -> TextEncoder: ...
-
-
-class CodecSpec(Protocol):
-    def build(self, source: Optional[str], dtype: torch.dtype, seed: int) -> nn.Module: ...
-
-
 @dataclass(frozen=True)
 class Preset:
     """Everything one teacher needs. dit_arch names a builder in microdit (`MicroDiT_XL_2`, `DiT`, ...) called
     with dit_kwargs. latent_shape = (C, h, w) of the DiT input; image_size = decoded side in pixels.
-    teacher: default checkpoint, relative to the repo; random_dit: with no teacher, draw the DiT from the seed."""
+    teacher: default checkpoint, relative to the repo; random_dit: with no teacher, draw the DiT from the seed.
+    run_dir: where train.py writes by default, and so where benchmark.py looks for the student."""
 
     name: str
+    run_dir: str
     dit_arch: str
     dit_kwargs: dict
     latent_shape: tuple
     image_size: int
-    text_encoder: TextEncoderSpec  # OpenCLIPText, RandomText
-    codec: CodecSpec  # PretrainedVAE, RandomVAE
+    text_encoder: Union[OpenCLIPText, RandomText]
+    codec: Union[PretrainedVAE, RandomVAE, PixelCodec]
     teacher_hint: str
     edm_config: EDMConfig = EDM
     guidance_scale: float = 5.0
@@ -324,6 +313,7 @@ class Preset:
 
 MICRODIT_XL_512 = Preset(
     name="microdit-xl-512",
+    run_dir="runs/microdit-xl-512",
     dit_arch="MicroDiT_XL_2",
     dit_kwargs=dict(input_size=64, pos_interp_scale=2.0, in_channels=4, caption_channels=1024),
     latent_shape=(4, 64, 64),
@@ -339,6 +329,7 @@ MICRODIT_XL_512 = Preset(
 _TINY_RANDOM_TEXT = RandomText(width=32, layers=2, heads=2)
 TINY_RANDOM = Preset(
     name="tiny-random",
+    run_dir="runs/cd-tiny-random",
     dit_arch="DiT",
     # Small, but with every code path of the XL model: patch mixer, expert-choice MoE, per-block multipliers.
     dit_kwargs=dict(input_size=8, patch_size=2, in_channels=4, dim=64, depth=4, head_dim=16, multiple_of=32,
@@ -363,6 +354,7 @@ TINY_RANDOM = Preset(
 _TINY_TEXT = RandomText(width=64, layers=2, heads=4, seed=0, embedding_scale=50.0)
 TINY = Preset(
     name="tiny",
+    run_dir="runs/cd-tiny",
     dit_arch="DiT",
     dit_kwargs=dict(input_size=32, patch_size=4, in_channels=3, dim=96, depth=6, head_dim=16, multiple_of=32,
                     caption_channels=_TINY_TEXT.width, pos_interp_scale=1.0,
@@ -439,6 +431,43 @@ def build_dit(preset: Preset, teacher: Optional[str] = None, seed: int = 0) -> n
     dit.to_empty(device="cpu")  # every parameter and buffer is in the strict state dict, so all get loaded
     microdit.load_dit_weights(dit, teacher)
     return dit
+
+
+# A distilled student: student_final.safetensors in the official DiT layout (loads into the teacher's
+# architecture) and, for a w-conditioned student, its guidance embedder beside it (GUIDANCE_PREFIX keys).
+STUDENT_FILE, GUIDANCE_FILE = "student_final.safetensors", "guidance_embedder.safetensors"
+GUIDANCE_PREFIX = "guidance_embedder."  # the embedder's keys in the student's state dict
+
+
+def save_student(out_dir: str, dit: nn.Module, metadata: dict[str, str]) -> tuple[str, Optional[str]]:
+    """Write OUT_DIR/STUDENT_FILE (fp32) and, if the DiT has a guidance embedder, OUT_DIR/GUIDANCE_FILE; returns
+    their paths (None for a plain student)."""
+    state = {k: v.detach().float().cpu().contiguous() for k, v in dit.state_dict().items()}
+    official = {k: v for k, v in state.items() if not k.startswith(GUIDANCE_PREFIX)}
+    guidance = {k: v for k, v in state.items() if k.startswith(GUIDANCE_PREFIX)}
+    student_path = os.path.join(out_dir, STUDENT_FILE)
+    atomic_write(student_path, lambda tmp: save_file(official, tmp, metadata=metadata))
+    if not guidance:
+        return student_path, None
+    guidance_path = os.path.join(out_dir, GUIDANCE_FILE)
+    atomic_write(guidance_path, lambda tmp: save_file(guidance, tmp, metadata=metadata))
+    return student_path, guidance_path
+
+
+def load_student(preset: Preset, path: str) -> tuple[nn.Module, bool]:
+    """A student saved by `save_student`: the DiT (fp32 on the CPU) and whether it is w-conditioned (it has a
+    sibling GUIDANCE_FILE, loaded into a guidance embedder)."""
+    dit = build_dit(preset, path)
+    embedder = os.path.join(os.path.dirname(path), GUIDANCE_FILE)
+    if not os.path.isfile(embedder):
+        return dit, False
+    dit.add_guidance_embedder()
+    state = {k.removeprefix(GUIDANCE_PREFIX): v for k, v in microdit.read_state_dict(embedder).items()}
+    try:
+        dit.guidance_embedder.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{embedder} does not fit the student's guidance embedder ({first_line(e)})") from None
+    return dit, True
 
 
 def _frozen(module: nn.Module, device: torch.device, dtype: Optional[torch.dtype] = None) -> nn.Module:

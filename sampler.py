@@ -198,9 +198,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def consistency_sigmas(num_steps: int, edm_config: EDMConfig = EDM) -> torch.Tensor:
     """Default few-step schedule: the first `num_steps` of `get_sigmas(num_steps + 1)`, (num_steps,) float64.
 
-    1 step = [sigma_max]; 2 steps = [sigma_max, ~2.5] for the default EDMConfig (the best second sigma among
-    0.3 ... 8 on the Gaussian-mixture test). sigma_min itself is left out: f(x, sigma_min) = x, so a step there
-    would only add noise.
+    1 step = [sigma_max]; 2 steps = [sigma_max, ~2.5] for the default EDMConfig (the second sigma's choice:
+    BENCHMARKS.md, "Choosing the recipe on the shapes lab"). sigma_min itself is left out: f(x, sigma_min) = x,
+    so a step there would only add noise.
     """
     sigmas = get_sigmas(num_steps + 1, edm_config.sigma_min, edm_config.sigma_max, edm_config.rho)
     return sigmas[:num_steps]

@@ -342,16 +342,19 @@ def count_objects(images: torch.Tensor, threshold: float = 0.3, min_pixels: int 
     return torch.tensor(counts, dtype=torch.long)
 
 
-def score(images: torch.Tensor, prompts: Sequence[str], real: Optional[torch.Tensor] = None,
+def score(images: torch.Tensor, prompts: Sequence[str], references: Optional[dict[str, torch.Tensor]] = None,
           classifier: Optional[ShapesClassifier] = None) -> dict[str, float]:
-    """The shapes-world scores of generated images ([0, 1], (N, 3, 32, 32)) against their captions:
-    `adherence` (every attribute right), `acc_<attribute>` for each attribute, `one_object` (share of images
-    with exactly one object, `count_objects`) and, when `real` images are given, `shapes_fd_data`."""
+    """The shapes-world scores of images ([0, 1], (N, 3, 32, 32)) against their captions, under one name each
+    wherever they are reported: `adherence` (every attribute right), `acc_<attribute>` per attribute,
+    `one_object` (share of images with exactly one object, `count_objects`) and, for every reference set
+    {name: its `shapes_features`} (e.g. "data": real images of the captions, "teacher": the teacher's images of
+    the same prompts and seeds), `shapes_fd_<name>`, the shapes-FD to it."""
     acc = attribute_accuracy(images, prompts, classifier)
     metrics = {"adherence": acc.pop("all"), **{f"acc_{a}": v for a, v in acc.items()},
                "one_object": (count_objects(images) == 1).float().mean().item()}
-    if real is not None:
-        metrics["shapes_fd_data"] = shapes_fd(images, real, classifier)
+    if references:
+        features = shapes_features(images, classifier)
+        metrics.update({f"shapes_fd_{name}": frechet_distance(features, ref) for name, ref in references.items()})
     return metrics
 
 

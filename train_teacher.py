@@ -49,7 +49,7 @@ def evaluate_teacher(dit: torch.nn.Module, encode, preset, num: int, seed: int,
     images = torch.cat([edm_sample(dit, noise[i:i + batch_size].to(device), encode(prompts[i:i + batch_size]),
                                    preset.num_steps, preset.guidance_scale, preset.edm_config).cpu()
                         for i in range(0, num, batch_size)])
-    metrics = shapes.score((images.clamp(-1, 1) + 1) / 2, prompts, real[:num])
+    metrics = shapes.score((images.clamp(-1, 1) + 1) / 2, prompts, {"data": shapes.shapes_features(real[:num])})
     metrics["shapes_fd_floor"] = shapes.shapes_fd(real[:num], real[num:])
     return metrics
 

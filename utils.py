@@ -1,9 +1,13 @@
-"""Small helpers shared by the scripts: user-facing errors, atomic writes, seeding, labelled image grids."""
+"""Small helpers shared by the scripts: user-facing errors, atomic writes, jsonl logs, seeding and RNG states,
+stopping on a signal, labelled image grids."""
+import io
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
+import threading
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -59,11 +63,85 @@ def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a jsonl file (one JSON object per line); [] if there is no file."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_jsonl(path: str, step: int) -> None:
+    """Drop the records after `step` (written after the checkpoint a run resumes from)."""
+    if os.path.isfile(path):
+        kept = [r for r in read_jsonl(path) if r["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) global generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state(generator: torch.Generator) -> bytes:
+    """This process's random states (Python, NumPy, torch CPU and CUDA, and `generator`), serialised with
+    torch.save: plain bytes are what ranks can exchange (accelerate's `gather_object` cannot pickle tensors)."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+             "torch": torch.get_rng_state(), "loss": generator.get_state(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def read_rng_state(blob: torch.Tensor) -> dict:
+    """A uint8 tensor of `rng_state` bytes (as a checkpoint stores it) -> the dict of states."""
+    return torch.load(io.BytesIO(blob.numpy().tobytes()), weights_only=True)
+
+
+def set_rng_state(blob: torch.Tensor, generator: torch.Generator) -> None:
+    """Restore the states `rng_state` saved (`blob` as in `read_rng_state`) into the globals and `generator`."""
+    state = read_rng_state(blob)
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["loss"])
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) / SIGTERM inside the `with` block sets `requested` (finish the step, checkpoint, stop);
+    a second signal interrupts at once. Only installable from the main thread; elsewhere a no-op."""
+
+    def __init__(self):
+        self.requested, self.previous = False, {}
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
+              "(again to stop at once)", file=sys.stderr)
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def load_torch_file(path: str, what: str) -> Any:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cd_utils import (
-    EDM, EDMConfig, CDConfig, cd_loss, cd_sigmas, consistency_distance, consistency_forward, consistency_scalings,
+    EDM, SEED_RECIPE, EDMConfig, CDConfig, cd_loss, cd_sigmas, consistency_distance, consistency_forward, consistency_scalings,
     edm_forward, edm_scalings, ema_update, get_sigmas, guided_edm_forward, sample_cd_indices, sample_guidance,
     teacher_ode_step,
 )
@@ -205,10 +205,9 @@ def test_per_sample_guidance_matches_scalar_guidance():
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_cd_config_recipes_and_validation():
-    seed = CDConfig.seed_recipe()
+    seed = CDConfig(**SEED_RECIPE)
     assert (seed.skip, seed.solver, seed.target_decay, seed.loss, seed.huber_c) == (
         1, "euler", 0.0, "pseudo_huber_elementwise", 0.001)
-    assert CDConfig.seed_recipe(num_scales=80).num_scales == 80
     default = CDConfig()
     assert default.solver == "heun" and default.target_decay > 0 and default.guidance == 5.0
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -287,7 +286,7 @@ def test_ema_update():
 
 OPTIONS = {
     "default": CDConfig(),
-    "seed": CDConfig.seed_recipe(),
+    "seed": CDConfig(**SEED_RECIPE),
     "l2": CDConfig(loss="l2"),
     "huber_elementwise": CDConfig(loss="pseudo_huber_elementwise"),
     "huber_per_sample": CDConfig(loss="pseudo_huber", huber_c=0.05),

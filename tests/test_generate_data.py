@@ -72,7 +72,7 @@ def reference(prompts_file, tmp_path_factory):
 
 
 def test_layout_and_contents(reference):
-    names = [f"{i:05d}.png" for i in range(len(PROMPTS))]
+    names = [f"{i:04d}.png" for i in range(len(PROMPTS))]
     assert sorted(os.listdir(reference / IMAGES_DIR)) == names
     assert len(list_shards(str(reference))) == 3  # batches of 2, 2, 1
     assert json.loads((reference / "captions.json").read_text()) == dict(zip(names, PROMPTS))
@@ -107,7 +107,7 @@ def test_resume_after_interruption_is_byte_identical(prompts_file, reference, tm
     monkeypatch.setattr(generate_data, "generate_images", failing)
     with pytest.raises(KeyboardInterrupt):
         run(prompts_file, tmp_path)
-    assert sorted(os.listdir(tmp_path / IMAGES_DIR)) == ["00000.png", "00001.png"]  # the finished batch is kept
+    assert sorted(os.listdir(tmp_path / IMAGES_DIR)) == ["0000.png", "0001.png"]  # the finished batch is kept
     assert json.loads((tmp_path / "manifest.json").read_text())["complete"] is False
     monkeypatch.undo()
     run(prompts_file, tmp_path)
@@ -116,7 +116,7 @@ def test_resume_after_interruption_is_byte_identical(prompts_file, reference, tm
     # A batch whose PNGs were written but not its shard (killed mid-write) is redone; finished items are not.
     shard = next(p for p in list_shards(str(tmp_path)) if "shard_00002" in p)
     os.remove(shard)
-    os.remove(tmp_path / IMAGES_DIR / "00003.png")
+    os.remove(tmp_path / IMAGES_DIR / "0003.png")
     calls.clear()
     monkeypatch.setattr(generate_data, "generate_images",
                         lambda *a, **k: calls.append(a[1]) or generate_images(*a, **k))
@@ -136,8 +136,8 @@ def test_batch_size_does_not_change_latents(prompts_file, reference, tmp_path):
             assert torch.equal(got[i][0], ref[i][0]), f"latents of item {i} differ with {folder}"
             # the text tower and the VAE round differently for other batch sizes: last-bit differences only
             assert torch.allclose(got[i][1].float(), ref[i][1].float(), atol=2e-3, rtol=1e-3)
-            a = np.asarray(Image.open(tmp_path / folder / IMAGES_DIR / f"{i:05d}.png"), dtype=int)
-            b = np.asarray(Image.open(reference / IMAGES_DIR / f"{i:05d}.png"), dtype=int)
+            a = np.asarray(Image.open(tmp_path / folder / IMAGES_DIR / f"{i:04d}.png"), dtype=int)
+            b = np.asarray(Image.open(reference / IMAGES_DIR / f"{i:04d}.png"), dtype=int)
             assert np.abs(a - b).max() <= 1
 
 

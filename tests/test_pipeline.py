@@ -126,8 +126,6 @@ def test_decode_and_round_trip(pipe):
     z = pipe.codec.encode(images * 2 - 1)
     assert z.shape == (2, *pipe.latent_shape) and z.dtype == torch.float32
     assert torch.equal(z, pipe.codec.encode(images * 2 - 1))  # posterior mean: deterministic
-    sampled = pipe.codec.encode(images * 2 - 1, generator=torch.Generator().manual_seed(0))
-    assert sampled.shape == z.shape and not torch.equal(sampled, z)
     assert pipe.decode(z).shape == images.shape
 
 
@@ -163,8 +161,7 @@ def test_unknown_preset():
 
 def test_xl_teacher_missing(tmp_path):
     start = time.time()
-    with pytest.raises(UserError, match="teacher checkpoint not found: .*missing.pt; download "
-                                         "ckpts/dit_4_channel_0.5B_synthetic_data.pt"):
+    with pytest.raises(UserError, match="missing.pt.*dit_4_channel_0.5B_synthetic_data.pt"):
         load_pipeline("microdit-xl-512", teacher=str(tmp_path / "missing.pt"))
     with pytest.raises(UserError, match="needs --teacher PATH.*VSehwag24/MicroDiT"):
         load_pipeline("microdit-xl-512")
@@ -174,13 +171,11 @@ def test_xl_teacher_missing(tmp_path):
 def test_xl_text_encoder_and_vae_without_cache(no_hub, tmp_path):
     xl = PRESETS["microdit-xl-512"]
     start = time.time()
-    with pytest.raises(UserError, match="text encoder weights not found: download "
-                                         "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378 .*--text-encoder"):
+    with pytest.raises(UserError, match="DFN5B-CLIP-ViT-H-14-378.*--text-encoder"):
         xl.text_encoder.build(None, seed=0)
     with pytest.raises(UserError, match="text encoder weights not found: .*nowhere"):
         xl.text_encoder.build(str(tmp_path / "nowhere"), seed=0)
-    with pytest.raises(UserError, match="VAE weights not found: download stabilityai/stable-diffusion-xl-base-1.0 "
-                                         r"\(vae/config.json.*--vae"):
+    with pytest.raises(UserError, match="VAE weights not found.*stabilityai/stable-diffusion-xl-base-1.0.*--vae"):
         xl.codec.build(None, torch.float32, seed=0)
     with pytest.raises(UserError, match="VAE not found: .*nowhere"):
         xl.codec.build(str(tmp_path / "nowhere"), torch.float32, seed=0)

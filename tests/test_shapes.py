@@ -93,10 +93,13 @@ def test_count_objects_real_fragmented_and_empty(held_out):
 
 def test_score_names_every_metric(held_out):
     images, prompts = held_out
-    scores = shapes.score(images[:100], prompts[:100], real=images[100:200])
-    assert set(scores) == {"adherence", "one_object", "shapes_fd_data", *(f"acc_{a}" for a in shapes.ATTRIBUTES)}
+    references = {"data": shapes.shapes_features(images[100:200]), "other": shapes.shapes_features(images[200:300])}
+    scores = shapes.score(images[:100], prompts[:100], references)
+    assert set(scores) == {"adherence", "one_object", "shapes_fd_data", "shapes_fd_other",
+                           *(f"acc_{a}" for a in shapes.ATTRIBUTES)}
     assert scores["adherence"] >= 0.97 and scores["one_object"] == 1.0
     assert scores["shapes_fd_data"] == pytest.approx(shapes.shapes_fd(images[:100], images[100:200]))
+    assert scores["shapes_fd_other"] == pytest.approx(shapes.shapes_fd(images[:100], images[200:300]))
     assert "shapes_fd_data" not in shapes.score(images[:10], prompts[:10])
 
 

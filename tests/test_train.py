@@ -14,12 +14,14 @@ from accelerate.state import AcceleratorState, PartialState
 from safetensors.torch import load_file
 
 import generate_data
+import shapes
 import train
-from cd_utils import CDConfig, cd_loss
-from dataset import LatentCaptionDataset
+from cd_utils import SEED_RECIPE, CDConfig, cd_loss
+from dataset import ImageCaptionDataset, LatentCaptionDataset
 from microdit import load_dit_weights
-from pipeline import build_dit, get_preset
-from utils import UserError
+from pipeline import GUIDANCE_FILE, STUDENT_FILE, build_dit, get_preset, load_pipeline
+from utils import UserError, read_rng_state
+from validation import LOG_FILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red circle", "a blue square on green", "a photo of a cat", "two dogs", "a house",
@@ -76,16 +78,16 @@ def test_a_few_steps_lower_the_loss(data_dir, tmp_path):
     teacher = build_dit(get_preset("tiny-random")).eval()
     student = build_dit(get_preset("tiny-random")).eval()
     load_dit_weights(student, result["student"])  # strict: the official layout
-    cd = CDConfig.seed_recipe()
+    cd = CDConfig(**SEED_RECIPE)
     before = fixed_batch_loss(copy.deepcopy(teacher), teacher, data_dir, cd)
     after = fixed_batch_loss(student, teacher, data_dir, cd)
     assert after < 0.85 * before, (before, after)
     log = [json.loads(line) for line in open(result["log"])]
     assert [r["step"] for r in log] == list(range(1, 21))
     assert {"loss", "lr", "grad_norm", "samples_per_s", "peak_mem_gb", "sigma", "gap", "w"} <= set(log[0])
-    for name in ("training_loss.png", "val/step_000020.png", "config.json", train.STUDENT_FILE):
+    for name in ("training_loss.png", "val/step_000020.png", "config.json", STUDENT_FILE):
         assert os.path.isfile(tmp_path / name), name
-    assert not os.path.exists(tmp_path / train.GUIDANCE_FILE)
+    assert not os.path.exists(tmp_path / GUIDANCE_FILE)
 
 
 def test_resume_after_ctrl_c_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch):
@@ -106,7 +108,7 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(data_dir, tmp_path, monkey
     monkeypatch.setattr(train, "cd_loss", cd_loss_then_ctrl_c)
     stopped = run(data_dir, tmp_path / "resumed", *common)
     assert stopped["interrupted"] and stopped["step"] == 3 and stopped["checkpoint"].endswith("ckpt_000003.pt")
-    assert not os.path.exists(tmp_path / "resumed" / train.STUDENT_FILE)
+    assert not os.path.exists(tmp_path / "resumed" / STUDENT_FILE)
     with pytest.raises(UserError, match="already has checkpoints: pass --resume auto"):
         run(data_dir, tmp_path / "resumed", *common)
     monkeypatch.setattr(train, "cd_loss", cd_loss)
@@ -120,11 +122,11 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(data_dir, tmp_path, monkey
     assert any(k.startswith("/target/") for k in ta) and any(k.startswith("/ema/") for k in ta)
     differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
     assert not differ, differ[:5]
-    rng = train.read_rng_state(a["rng"][0])
+    rng = read_rng_state(a["rng"][0])
     assert {"python", "numpy", "torch", "cuda", "loss"} <= set(rng) and rng["loss"].dtype == torch.uint8
-    assert torch.equal(load_file(tmp_path / "straight" / train.STUDENT_FILE)["final_layer.linear.weight"],
-                       load_file(tmp_path / "resumed" / train.STUDENT_FILE)["final_layer.linear.weight"])
-    log = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / train.LOG_FILE)]
+    assert torch.equal(load_file(tmp_path / "straight" / STUDENT_FILE)["final_layer.linear.weight"],
+                       load_file(tmp_path / "resumed" / STUDENT_FILE)["final_layer.linear.weight"])
+    log = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / LOG_FILE)]
     assert log == list(range(1, 7))
     assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path / "resumed"))] == \
         ["ckpt_000004.pt", "ckpt_000006.pt"]  # --keep-ckpts 2
@@ -140,7 +142,7 @@ def test_grad_checkpointing_gives_the_same_weights(data_dir, tmp_path):
 def test_per_sample_w_exports_the_guidance_embedder(data_dir, tmp_path):
     # 3 steps: the zero-initialised final layer, then adaLN, then the embeddings receive gradients
     result = run(data_dir, tmp_path, "--steps", 3, "--w-min", 2, "--w-max", 6, "--lr", 1e-3)
-    assert result["guidance_embedder"].endswith(train.GUIDANCE_FILE)
+    assert result["guidance_embedder"].endswith(GUIDANCE_FILE)
     student = build_dit(get_preset("tiny-random"))
     load_dit_weights(student, result["student"])  # strict: no guidance keys in the official file
     guidance = load_file(result["guidance_embedder"])
@@ -156,6 +158,23 @@ def test_images_and_captions_are_encoded_on_the_fly(data_dir, tmp_path):
     shutil.copy(os.path.join(data_dir, "captions.json"), images_only)
     result = run(str(images_only), tmp_path / "run", "--steps", 2)
     assert result["step"] == 2 and os.path.isfile(result["student"])
+
+
+def test_on_the_fly_inputs_equal_the_stored_ones(tmp_path):
+    """The shapes world's codec is the identity, so encoding the teacher's PNGs and captions on the fly must give
+    the stored latents (up to the PNG's 8 bits and the shards' float16) and the stored text embeddings."""
+    (tmp_path / "prompts.json").write_text(json.dumps(shapes.captions(shapes.sample_attributes(6, 3))))
+    generate_data.main(["--prompts", str(tmp_path / "prompts.json"), "--out", str(tmp_path / "data"), "--preset",
+                        "tiny", "--steps", "2", "--batch-size", "6", "--device", "cpu"])
+    pipe = load_pipeline("tiny")
+    images, stored = ImageCaptionDataset(str(tmp_path / "data"), 32), LatentCaptionDataset(str(tmp_path / "data"))
+    batch = {"image": torch.stack([images[i]["image"] for i in range(6)]), "caption": images.captions}
+    x0, y = train.model_inputs(batch, pipe, torch.device("cpu"))
+    latents = torch.stack([stored[i]["latents"] for i in range(6)]).float()
+    embeddings = torch.stack([stored[i]["embeddings"] for i in range(6)]).float()
+    assert images.captions == stored.captions and x0.shape == latents.shape and y.shape == embeddings.shape
+    assert (x0 - latents.clamp(-1, 1)).abs().max() <= 1 / 255 + 2e-3  # half a PNG level in [-1, 1], plus float16
+    torch.testing.assert_close(y, embeddings, atol=0.05, rtol=2e-3)  # float16 of values up to ~50
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
@@ -175,11 +194,14 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkey
 
 
 def test_cli_flags_cover_cd_config():
-    assert set(train.CD_FLAGS) == {f.name for f in dataclasses.fields(CDConfig)} - {"guidance_range"}
+    fields = {f.name for f in dataclasses.fields(CDConfig)} - {"guidance_range"}  # that one is --w-min/--w-max
+    assert fields <= set(vars(train.parse_args([])))  # a flag per field, its dest the field's name
     args = train.parse_args(["--preset", "tiny-random", "--recipe", "seed", "--num-scales", "20", "--w-min", "2",
-                             "--w-max", "8", "--steps", "7"])
+                             "--w-max", "8", "--steps", "7", "--p-mean", "0.5", "--w", "3"])
     cd = train.cd_config_from_args(args)
-    assert cd == CDConfig.seed_recipe(num_scales=20, guidance_range=(2.0, 8.0))
+    assert cd == CDConfig(**{**SEED_RECIPE, "num_scales": 20, "p_mean": 0.5, "guidance": 3.0,
+                             "guidance_range": (2.0, 8.0)})
+    assert train.cd_config_from_args(train.parse_args([])) == CDConfig()
     assert args.steps == 7 and args.batch_size == train.PRESET_DEFAULTS["tiny-random"]["batch_size"]
     assert train.parse_args([]).data_dir == train.PRESET_DEFAULTS["tiny"]["data_dir"]
     with pytest.raises(UserError, match="--w-min and --w-max go together"):
@@ -200,4 +222,4 @@ def test_two_processes_under_accelerate(data_dir, tmp_path):
     assert "= 4 samples/step" in result.stdout  # batch 2 x 2 processes
     assert json.loads((tmp_path / "config.json").read_text())["world_size"] == 2
     assert len(load_checkpoint(tmp_path, 2)["rng"]) == 2  # both ranks' generator states
-    load_dit_weights(build_dit(get_preset("tiny-random")), str(tmp_path / train.STUDENT_FILE))
+    load_dit_weights(build_dit(get_preset("tiny-random")), str(tmp_path / STUDENT_FILE))

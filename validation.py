@@ -1,0 +1,146 @@
+"""Validation of a distillation run, and its curves.
+
+`Validator`: fixed prompts and seeds; the teacher's images at its own sampler (rendered once, cached in
+OUT_DIR/val/teacher.pt), the student's at VAL_STUDENT_STEPS, one labelled grid per call and, on the shapes world,
+`shapes.score` of each image set: adherence, acc_<attribute>, one_object, shapes_fd_data (to real images of the
+captions) and shapes_fd_teacher (to the teacher's images of the same prompts and seeds). `plot_curves` draws
+training_loss.png and val_metrics.png from the run's jsonl logs.
+"""
+import os
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+import shapes
+from pipeline import Pipeline
+from sampler import consistency_sample, generate_images, load_prompts, multistep_noise, to_uint8
+from utils import UserError, atomic_write, load_torch_file, read_jsonl, save_grid
+
+VAL_STUDENT_STEPS = (1, 2, 4)
+VAL_DIR, LOG_FILE, VAL_LOG_FILE = "val", "log.jsonl", "val_metrics.jsonl"  # in the run's folder
+PLOTTED = ("adherence", "shapes_fd_data", "shapes_fd_teacher")  # the panels of val_metrics.png
+
+
+def steps_label(k: int) -> str:
+    """"1 step", "4 steps": how grids and tables name a sampler's step count."""
+    return f"{k} step{'s' if k > 1 else ''}"
+
+
+def validation_prompts(pipe: Pipeline, num: int, seed: int,
+                       prompts: Optional[str | Sequence[str]]) -> tuple[list[str], Optional[torch.Tensor]]:
+    """(num prompts, real images (num, 3, H, W) in [0, 1] or None): the shapes world's held-out captions of stream
+    `seed` with their real images, unless `prompts` (a prompt file or a list) is given, which is cycled."""
+    if pipe.preset.shapes_world and not prompts:
+        real, attrs = shapes.sample(num, seed)
+        return shapes.captions(attrs), (real + 1) / 2
+    listed = load_prompts(prompts) if isinstance(prompts, str) else list(prompts)
+    return [listed[i % len(listed)] for i in range(num)], None
+
+
+class Validator:
+    """Renders and scores the validation set; `validator(step, student)` writes OUT_DIR/val/step_XXXXXX.png
+    (teacher | student 1 | 2 | 4 steps, rows captioned) and returns the metrics {"<name>/<k>": value, and the
+    teacher's as "<name>/teacher"} (empty outside the shapes world or without the shapes classifier)."""
+
+    def __init__(self, pipe: Pipeline, out_dir: str, prompts: Sequence[str], seeds: Sequence[int],
+                 real: Optional[torch.Tensor], guidance: float, w_conditioned: bool, batch_size: int,
+                 grid_rows: int, teacher_file: Optional[str]):
+        self.pipe, self.prompts, self.seeds = pipe, list(prompts), list(seeds)
+        self.guidance, self.w_conditioned, self.batch_size = guidance, w_conditioned, batch_size
+        self.folder, self.grid_rows = os.path.join(out_dir, VAL_DIR), grid_rows
+        self.teacher_images = self.render_teacher(teacher_file)
+        self.scored = real is not None and os.path.isfile(shapes.DEFAULT_CLASSIFIER)
+        if real is not None and not self.scored:
+            print(f"warning: no shapes classifier at {shapes.DEFAULT_CLASSIFIER}: validation metrics skipped "
+                  "(python shapes.py train-classifier)", file=sys.stderr)
+        self.references, self.teacher_metrics = {}, {}
+        if self.scored:  # classifier features of the fixed sets, computed once for every validation
+            self.references = {"data": shapes.shapes_features(real)}
+            self.teacher_metrics = shapes.score(self.teacher_images, self.prompts, self.references)
+            self.references["teacher"] = shapes.shapes_features(self.teacher_images)
+
+    def render_teacher(self, teacher_file: Optional[str]) -> torch.Tensor:
+        """The teacher's images of the validation set, (N, 3, H, W) in [0, 1], from the cache if it matches."""
+        preset = self.pipe.preset
+        stat = os.stat(teacher_file) if teacher_file else None  # a retrained teacher at the same path: render again
+        key = dict(preset=preset.name, teacher=teacher_file, teacher_file=(stat.st_size, stat.st_mtime_ns) if stat
+                   else None, dtype=str(self.pipe.dtype), prompts=self.prompts, seeds=self.seeds,
+                   steps=preset.num_steps, guidance=self.guidance)
+        path = os.path.join(self.folder, "teacher.pt")
+        if os.path.isfile(path):
+            try:
+                cached = load_torch_file(path, "validation cache")
+            except UserError:
+                cached = {}  # a damaged cache is rendered again
+            if cached.get("key") == key:
+                return cached["images"]
+        print(f"rendering the teacher's validation images ({len(self.prompts)} at {key['steps']} steps, "
+              f"guidance {self.guidance}) once")
+        images = generate_images(self.pipe, self.prompts, self.seeds, key["steps"], self.guidance,
+                                 self.batch_size)["images"]
+        atomic_write(path, lambda tmp: torch.save(dict(key=key, images=images), tmp))
+        return images
+
+    @torch.no_grad()
+    def __call__(self, step: int, student: torch.nn.Module) -> dict[str, float]:
+        columns = [(f"teacher\n{self.pipe.preset.num_steps} steps", to_uint8(self.teacher_images[:self.grid_rows]))]
+        metrics = {}
+        for k in VAL_STUDENT_STEPS:
+            def sample_fn(noise: torch.Tensor, y: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+                return consistency_sample(student, noise, y, num_steps=k, edm_config=self.pipe.edm_config,
+                                          guidance=self.guidance if self.w_conditioned else None,
+                                          step_noise=multistep_noise(seeds, k, noise.shape[1:]))
+
+            images = generate_images(self.pipe, self.prompts, self.seeds, batch_size=self.batch_size,
+                                     sample_fn=sample_fn)["images"]
+            columns.append((f"student\n{steps_label(k)}", to_uint8(images[:self.grid_rows])))
+            if self.scored:
+                scores = shapes.score(images, self.prompts, self.references)
+                metrics.update({f"{name}/{k}": v for name, v in scores.items()})
+        metrics.update({f"{name}/teacher": v for name, v in self.teacher_metrics.items()})
+        save_grid(os.path.join(self.folder, f"step_{step:06d}.png"), columns, self.prompts)
+        return metrics
+
+
+def plot_curves(out_dir: str) -> None:
+    """training_loss.png (raw and smoothed loss per step) and val_metrics.png (one panel per PLOTTED metric: the
+    student at each step count, the teacher dashed) from OUT_DIR's LOG_FILE and VAL_LOG_FILE."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        atomic_write(os.path.join(out_dir, name), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        plt.close(fig)
+
+    log = read_jsonl(os.path.join(out_dir, LOG_FILE))
+    if log:
+        steps, loss = np.array([r["step"] for r in log]), np.array([r["loss"] for r in log])
+        alpha, smooth, s = 2 / (1 + min(100, max(2, len(loss) // 10))), [], loss[0]
+        for v in loss:  # exponential moving average, span ~len/10
+            s = (1 - alpha) * s + alpha * v
+            smooth.append(s)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, loss, alpha=0.3, label="loss")
+        ax.plot(steps, smooth, label="smoothed")
+        ax.set(xlabel="optimizer step", ylabel="CD loss", yscale="log" if (loss > 0).all() else "linear")
+        ax.legend()
+        save(fig, "training_loss.png")
+    val = read_jsonl(os.path.join(out_dir, VAL_LOG_FILE))
+    names = [name for name in PLOTTED if any(f"{name}/{k}" in r for r in val for k in VAL_STUDENT_STEPS)]
+    if names:
+        fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.8), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            for k in VAL_STUDENT_STEPS:
+                points = [(r["step"], r[f"{name}/{k}"]) for r in val if f"{name}/{k}" in r]
+                ax.plot(*zip(*points), marker="o", label=f"student {steps_label(k)}")
+            teacher = [r[f"{name}/teacher"] for r in val if f"{name}/teacher" in r]
+            if teacher:
+                ax.axhline(teacher[-1], color="k", ls="--", label="teacher")
+            ax.set(title=name, xlabel="optimizer step", ylabel="share of images" if name == "adherence" else
+                   "Frechet distance (classifier features)")
+            ax.legend(fontsize=8)
+        save(fig, "val_metrics.png")
