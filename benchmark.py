@@ -442,7 +442,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         rows.append(dict(name=DATA, kind="data", **shape_scores[DATA]))
 
     save_grid(os.path.join(args.out, "grid.png"),
-              [(f"{c.label}\n{c.steps} steps, {c.nfe} NFE", images[c.name]) for c in configs], prompts, args.grid_rows)
+              [(f"{c.label}\n{steps_label(c.steps)}\n{c.nfe} NFE", images[c.name]) for c in configs], prompts, args.grid_rows)
     settings = dict(preset=preset.name, teacher=args.teacher or preset.teacher or "random (seed 0)",
                     students=student_settings, prompts=source, num_prompts=len(prompts), seed=args.seed,
                     batch_size=args.batch_size, device=str(device),

@@ -97,7 +97,7 @@ def test_layout_and_report(full_run):
     md = (out / "report.md").read_text()
     assert "| teacher 30 steps | teacher_30steps | 30 | 118 |" in md and "| run_a 1 step | parti_prompts_1steps |" in md
     with Image.open(out / "grid.png") as grid:  # a caption column, 4 columns of 96 px cells (+2 px lines) under
-        assert grid.size == (200 + 4 * 98, 36 + 5 * 98)  # two-line titles, 5 prompt rows
+        assert grid.size == (200 + 4 * 98, 50 + 5 * 98)  # three-line titles (label, steps, NFE), 5 prompt rows
 
 
 def test_reproducible_seeds_and_batch_size(files, full_run, tmp_path):
