@@ -160,6 +160,15 @@ def test_images_and_captions_are_encoded_on_the_fly(data_dir, tmp_path):
     assert result["step"] == 2 and os.path.isfile(result["student"])
 
 
+def test_an_empty_data_dir_is_filled_with_teacher_data_first(tmp_path):
+    (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS[:4]))
+    result = run(str(tmp_path / "fresh"), tmp_path / "run", "--steps", 2, "--prompts", tmp_path / "prompts.json",
+                 "--gen-batch-size", 4)
+    manifest = json.loads((tmp_path / "fresh" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["num_finished"] == 4 and manifest["settings"]["steps"] == 30
+    assert manifest["settings"]["seed"] == generate_data.TEACHER_DATA_SEED and result["step"] == 2
+
+
 def test_on_the_fly_inputs_equal_the_stored_ones(tmp_path):
     """The shapes world's codec is the identity, so encoding the teacher's PNGs and captions on the fly must give
     the stored latents (up to the PNG's 8 bits and the shards' float16) and the stored text embeddings."""
