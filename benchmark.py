@@ -402,8 +402,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     configs = [teacher_config(ref_steps)] if args.compare_teacher else []
     student_settings = []
     for path, label, prefix in students:
-        dit, w_conditioned = load_student(preset, path)
-        dit.requires_grad_(False).eval().to(device=pipe.device, dtype=pipe.dtype)
+        dit, w_conditioned = load_student(preset, path, pipe.device, pipe.dtype)
         w = (guidance if args.student_guidance is None else args.student_guidance) if w_conditioned else None
         student_settings.append(dict(label=label, path=path, w_conditioned=w_conditioned, guidance=w))
         net = compiled(dit)

@@ -454,20 +454,20 @@ def save_student(out_dir: str, dit: nn.Module, metadata: dict[str, str]) -> tupl
     return student_path, guidance_path
 
 
-def load_student(preset: Preset, path: str) -> tuple[nn.Module, bool]:
-    """A student saved by `save_student`: the DiT (fp32 on the CPU) and whether it is w-conditioned (it has a
-    sibling GUIDANCE_FILE, loaded into a guidance embedder)."""
+def load_student(preset: Preset, path: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, bool]:
+    """A student saved by `save_student`, frozen for sampling on `device` in `dtype`, and whether it is
+    w-conditioned (it has a sibling GUIDANCE_FILE, loaded into a guidance embedder)."""
     dit = build_dit(preset, path)
     embedder = os.path.join(os.path.dirname(path), GUIDANCE_FILE)
     if not os.path.isfile(embedder):
-        return dit, False
+        return _frozen(dit, device, dtype), False
     dit.add_guidance_embedder()
     state = {k.removeprefix(GUIDANCE_PREFIX): v for k, v in microdit.read_state_dict(embedder).items()}
     try:
         dit.guidance_embedder.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"{embedder} does not fit the student's guidance embedder ({first_line(e)})") from None
-    return dit, True
+    return _frozen(dit, device, dtype), True
 
 
 def _frozen(module: nn.Module, device: torch.device, dtype: Optional[torch.dtype] = None) -> nn.Module:
