@@ -15,7 +15,8 @@ batch size; a multistep student's fresh noise before step k is drawn from the se
 
 Students: each --student is a DiT state dict in the official layout (train.py's student_final.safetensors; the
 default is the one `python train.py --preset PRESET` writes, runs/cd-tiny/ for tiny); a sibling
-guidance_embedder.safetensors makes it w-conditioned, sampled with guidance=--student-guidance.
+guidance_embedder.safetensors makes it w-conditioned, sampled with guidance=--student-guidance. A LoRA student's
+student_lora.safetensors (train.py --lora-rank) is merged into the --teacher weights.
 Output in --out (default output/):
     teacher_30steps/, teacher_{N}steps/ (--compare-teacher, --teacher-steps), {label}_{N}steps/ per student, or
     parti_prompts_{N}steps/ for a single student without --labels (the reference layout); each holds NNNN.png and
@@ -45,7 +46,7 @@ from tqdm import tqdm
 
 import shapes
 from dataset import image_name
-from pipeline import (DFN5B_HUB_ID, GUIDANCE_FILE, MICRODIT_XL_512, STUDENT_FILE, TINY, Pipeline, Preset,
+from pipeline import (DFN5B_HUB_ID, GUIDANCE_FILE, LORA_FILE, MICRODIT_XL_512, STUDENT_FILE, TINY, Pipeline, Preset,
                       add_pipeline_args, get_preset, hub_offline, load_student, pipeline_from_args)
 from sampler import (SampleFn, consistency_sample, edm_sample, generate_images, load_prompts, multistep_noise,
                      teacher_nfe, to_uint8)
@@ -402,7 +403,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     configs = [teacher_config(ref_steps)] if args.compare_teacher else []
     student_settings = []
     for path, label, prefix in students:
-        dit, w_conditioned = load_student(preset, path, pipe.device, pipe.dtype)
+        dit, w_conditioned = load_student(preset, path, pipe.device, pipe.dtype, args.teacher)
         w = (guidance if args.student_guidance is None else args.student_guidance) if w_conditioned else None
         student_settings.append(dict(label=label, path=path, w_conditioned=w_conditioned, guidance=w))
         net = compiled(dit)
@@ -460,8 +461,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="image i uses noise seed SEED + i (and, on the tiny "
                         "preset, SEED also draws the default captions)")
-    parser.add_argument("--student", nargs="+", metavar="PATH", help="student DiT state dicts (default: the "
-                        f"output of `python train.py --preset PRESET`, e.g. {TINY.run_dir}/{STUDENT_FILE})")
+    parser.add_argument("--student", nargs="+", metavar="PATH", help="student DiT state dicts or LoRA adapters "
+                        f"({LORA_FILE}, applied onto the teacher) (default: the output of `python train.py --preset "
+                        f"PRESET`, e.g. {TINY.run_dir}/{STUDENT_FILE})")
     parser.add_argument("--labels", nargs="+", help="one label per --student (default: each file's folder name)")
     parser.add_argument("--student-guidance", type=float, help="w of w-conditioned students (those with a "
                         f"sibling {GUIDANCE_FILE}; default: the preset's guidance scale)")

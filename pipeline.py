@@ -434,8 +434,11 @@ def build_dit(preset: Preset, teacher: Optional[str] = None, seed: int = 0) -> n
 
 
 # A distilled student: student_final.safetensors in the official DiT layout (loads into the teacher's
-# architecture) and, for a w-conditioned student, its guidance embedder beside it (GUIDANCE_PREFIX keys).
-STUDENT_FILE, GUIDANCE_FILE = "student_final.safetensors", "guidance_embedder.safetensors"
+# architecture) and, for a w-conditioned student, its guidance embedder beside it (GUIDANCE_PREFIX keys). A LoRA
+# student (train.py --lora-rank) also writes LORA_FILE: its adapter alone ("<layer>.lora_A.weight" (rank, in),
+# "<layer>.lora_B.weight" (out, rank)), with lora_rank, lora_alpha and lora_targets in the metadata.
+STUDENT_FILE, GUIDANCE_FILE, LORA_FILE = "student_final.safetensors", "guidance_embedder.safetensors", \
+    "student_lora.safetensors"
 GUIDANCE_PREFIX = "guidance_embedder."  # the embedder's keys in the student's state dict
 
 
@@ -454,9 +457,57 @@ def save_student(out_dir: str, dit: nn.Module, metadata: dict[str, str]) -> tupl
     return student_path, guidance_path
 
 
-def load_student(preset: Preset, path: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, bool]:
-    """A student saved by `save_student`, frozen for sampling on `device` in `dtype`, and whether it is
-    w-conditioned (it has a sibling GUIDANCE_FILE, loaded into a guidance embedder)."""
+def save_lora(out_dir: str, lora: dict[str, torch.Tensor], rank: int, alpha: float, targets: str,
+              metadata: dict[str, str]) -> str:
+    """Write OUT_DIR/LORA_FILE (fp32) from the factors of `lora.Adapter.lora_state`; returns its path."""
+    path = os.path.join(out_dir, LORA_FILE)
+    state = {k: v.float().cpu().contiguous() for k, v in lora.items()}
+    meta = {**metadata, "lora_rank": str(rank), "lora_alpha": str(alpha), "lora_targets": targets}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    return path
+
+
+def merge_lora(dit: nn.Module, lora: dict[str, torch.Tensor], alpha: float) -> nn.Module:
+    """Add each adapted layer's update (alpha / rank) B A (Hu et al. 2021, eq. 3) to `dit`'s weight in place, in
+    float32; a factor that names no Linear layer of `dit` or does not fit it raises a UserError naming it."""
+    params = dict(dit.named_parameters())
+    layers = sorted({k.rsplit(".lora_", 1)[0] for k in lora})
+    with torch.no_grad():
+        for layer in layers:
+            weight, a, b = params.get(f"{layer}.weight"), lora.get(f"{layer}.lora_A.weight"), \
+                lora.get(f"{layer}.lora_B.weight")
+            if weight is None or a is None or b is None or weight.ndim != 2 or b.shape[1] != a.shape[0] \
+                    or (b.shape[0], a.shape[1]) != tuple(weight.shape):
+                shapes_seen = {"A": a, "B": b, "weight": weight}
+                found = ", ".join(f"{n} {tuple(t.shape)}" if t is not None else f"no {n}"
+                                  for n, t in shapes_seen.items())
+                raise UserError(f"LoRA factors of {layer} do not fit the DiT ({found}); check --preset")
+            delta = (alpha / a.shape[0]) * (b.float() @ a.float())
+            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+    return dit
+
+
+def lora_metadata(path: str) -> Optional[dict[str, str]]:
+    """The metadata of a LORA_FILE-style safetensors file, or None for any other file."""
+    if not path.endswith(".safetensors"):
+        return None
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises several types for a corrupt or truncated file
+        raise UserError(f"cannot read {path} as safetensors ({first_line(e)})") from None
+    return meta if "lora_rank" in meta else None
+
+
+def load_student(preset: Preset, path: str, device: torch.device, dtype: torch.dtype,
+                 teacher: Optional[str] = None) -> tuple[nn.Module, bool]:
+    """A student saved by `save_student` (or a LORA_FILE, merged into the `teacher` weights, default the preset's
+    own), frozen for sampling on `device` in `dtype`, and whether it is w-conditioned (it has a sibling
+    GUIDANCE_FILE, loaded into a guidance embedder)."""
+    meta = lora_metadata(path)
+    if meta is not None:
+        lora = microdit.read_state_dict(path)
+        return _frozen(merge_lora(build_dit(preset, teacher), lora, float(meta["lora_alpha"])), device, dtype), False
     dit = build_dit(preset, path)
     embedder = os.path.join(os.path.dirname(path), GUIDANCE_FILE)
     if not os.path.isfile(embedder):

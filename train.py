@@ -5,6 +5,7 @@
     python train.py --preset microdit-xl-512 --teacher dit_4_channel_0.5B_synthetic_data.pt --data-dir data/teacher
     accelerate launch --num_processes 8 train.py --preset microdit-xl-512 --teacher ... --data-dir data/teacher
     python train.py --resume auto                       # continue from the last checkpoint in --out-dir
+    python train.py --preset microdit-xl-512 --lora-rank 32 --dtype bf16 --grad-checkpointing --batch-size 4 ...
 
 Data: the latent shards of `generate_data.py` (teacher latents + text embeddings: no VAE or text encoder in the
 loop), or images + captions (encoded on the fly). An empty --data-dir is first filled by generate_data with the
@@ -13,13 +14,17 @@ preset's own prompts (the shapes world) or --prompts FILE.
 Networks: the teacher (frozen), the student (initialised from the teacher, trained), the target network of
 CDConfig (an EMA of the student with decay target_decay, or for target_decay = 0 the online student under
 no_grad: no copy), and a slow EMA of the student (--ema) that is validated and exported, as the EMA weights of a
-diffusion model are. With --ema 0 the online student is validated and exported.
+diffusion model are. With --ema 0 the online student is validated and exported. With --lora-rank R the student,
+the target and the slow EMA are LoRA adapters (`lora.py`) on the teacher's own DiT, held once in --dtype: for a
+16-24 GB GPU (memory: README).
 
 Outputs in --out-dir: log.jsonl (one line per step), val/step_XXXXXX.png (rows = validation prompts, captioned;
 columns = teacher at its 30 Heun steps | student at 1 | 2 | 4 steps, titled), val_metrics.jsonl (`validation.py`:
 on the shapes world, `shapes.score` of the teacher and of the student at each step count), training_loss.png,
 val_metrics.png, checkpoints/ckpt_XXXXXX.pt (the last --keep-ckpts), config.json, student_final.safetensors
-(official DiT layout) and, for a w-conditioned student (--w-min/--w-max), guidance_embedder.safetensors.
+(official DiT layout) and, for a w-conditioned student (--w-min/--w-max), guidance_embedder.safetensors; a LoRA
+student's student_final.safetensors is merged into the teacher's weights and student_lora.safetensors holds the
+adapter alone (both load with benchmark.py --student).
 """
 import argparse
 import copy
@@ -45,8 +50,9 @@ import generate_data
 from cd_utils import INDEX_DISTS, LOSSES, SEED_RECIPE, SOLVERS, WEIGHTINGS, CDConfig, cd_loss, ema_decay, ema_update, \
     teacher_calls
 from dataset import CAPTIONS_CSV, CAPTIONS_JSON, MANIFEST_JSON, check_data_dir, get_dataloader, list_shards
-from pipeline import GUIDANCE_FILE, Pipeline, add_pipeline_args, build_dit, get_preset, pipeline_from_args, \
-    save_student, teacher_path
+from lora import LORA_TARGETS, add_adapters
+from pipeline import GUIDANCE_FILE, Pipeline, add_pipeline_args, build_dit, get_preset, merge_lora, \
+    pipeline_from_args, save_lora, save_student, teacher_path
 from utils import (StopRequest, UserError, append_jsonl, atomic_write, atomic_write_json, load_torch_file, rng_state,
                    run_cli, seed_everything, set_rng_state, truncate_jsonl)
 from validation import LOG_FILE, VAL_DIR, VAL_LOG_FILE, VAL_STUDENT_STEPS, Validator, plot_curves, steps_label, \
@@ -147,6 +153,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--w-min", type=float, help="with --w-max: w ~ U[w-min, w-max] per sample and a w-conditioned "
                    f"student (a zero-initialised guidance embedder, saved as {GUIDANCE_FILE})")
     g.add_argument("--w-max", type=float, help="see --w-min")
+    g = parser.add_argument_group("LoRA student (lora.py: adapters on the attention, cross-attention and dense-FFN "
+                                  "projections of every DiT block; the MoE experts stay the teacher's)")
+    g.add_argument("--lora-rank", type=int, default=0, help="R > 0: train LoRA adapters of rank R on the teacher's "
+                   "DiT (held once, in --dtype) instead of a full fp32 student; 0: full student (default)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha: a layer's update is (alpha / R) B A (default: R)")
     g = parser.add_argument_group("validation, checkpoints, outputs")
     g.add_argument("--out-dir", help="outputs (default: the preset's run_dir, runs/cd-tiny for tiny)")
     g.add_argument("--val-every", type=int, help=f"validate every this many steps (0: only at the end); "
@@ -184,7 +195,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                 if getattr(args, k) < 1]
     problems += [f"{flag} must be {rule}" for flag, ok, rule in (
         ("--lr", args.lr > 0, "> 0"), ("--ema", 0 <= args.ema < 1, "in [0, 1)"), ("--warmup", args.warmup >= 0, ">= 0"),
-        ("--num-workers", args.num_workers >= 0, ">= 0")) if not ok]
+        ("--num-workers", args.num_workers >= 0, ">= 0"), ("--lora-rank", args.lora_rank >= 0, ">= 0"),
+        ("--lora-alpha", args.lora_alpha is None or args.lora_alpha > 0, "> 0")) if not ok]
+    if args.lora_rank:
+        args.lora_alpha = args.lora_alpha or float(args.lora_rank)
+        problems += [f"--lora-rank does not go with {flag} yet" for flag, given in (
+            ("--w-min/--w-max (the guidance embedder is not an adapter)", args.w_min is not None),
+            ("--compile", args.compile)) if given]
     if problems:
         raise UserError("; ".join(problems))
     args.val_grid = min(args.val_grid, args.val_samples)
@@ -260,17 +277,26 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 
 def make_networks(args: argparse.Namespace, cd: CDConfig, pipe: Pipeline, device: torch.device) -> tuple:
-    """({"student", "target", "ema"}: the student initialised from the teacher (fp32, on `device`), its EMA target
-    (None for target_decay 0) and slow EMA (None for --ema 0)), the AdamW optimizer and its schedule."""
-    seed_everything(args.seed)  # a new guidance embedder is drawn from it
-    student = build_dit(pipe.preset, args.teacher)
-    if cd.guidance_range is not None:
-        student.add_guidance_embedder()
-    student.to(device).train()
-    nets = dict(student=student, target=frozen_copy(student) if cd.target_decay > 0 else None,
-                ema=frozen_copy(student) if args.ema > 0 else None)
+    """({"student", "target", "ema"}: the student initialised from the teacher, its EMA target (None for
+    target_decay 0) and slow EMA (None for --ema 0)), the AdamW optimizer and its schedule.
+
+    Full student: a float32 copy of the teacher on `device`; the target and slow EMA are copies of it. LoRA student
+    (--lora-rank): `lora.Adapter`s on the teacher's DiT, and pipe.dit becomes the adapter-free one (the teacher)."""
+    seed_everything(args.seed)  # a new guidance embedder or the LoRA A factors are drawn from it
+    if args.lora_rank:
+        names = ["student"] + [n for n, on in (("target", cd.target_decay > 0), ("ema", args.ema > 0)) if on]
+        adapters = add_adapters(pipe.dit, names, args.lora_rank, args.lora_alpha)
+        nets, base, pipe.dit = {k: adapters.get(k) for k in ("student", "target", "ema")}, pipe.dit, adapters[None]
+    else:
+        base = build_dit(pipe.preset, args.teacher)
+        if cd.guidance_range is not None:
+            base.add_guidance_embedder()
+        base.to(device).train()
+        nets = dict(student=base, target=frozen_copy(base) if cd.target_decay > 0 else None,
+                    ema=frozen_copy(base) if args.ema > 0 else None)
+    student = nets["student"]
     if args.grad_checkpointing:
-        enable_grad_checkpointing(student)
+        enable_grad_checkpointing(base)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -422,8 +448,9 @@ def print_plan(args: argparse.Namespace, cd: CDConfig, student: torch.nn.Module,
                device: torch.device, world: int, precision: str) -> None:
     n_params = sum(p.numel() for p in student.parameters())
     t_calls = teacher_calls(cd)
-    print(f"preset {args.preset}: student {n_params / 1e6:.2f}M parameters, {num_items} training items in "
-          f"{args.data_dir}; {device}, {world} process(es), {precision}")
+    kind = f"LoRA rank {args.lora_rank} alpha {args.lora_alpha:g}" if args.lora_rank else "full"
+    print(f"preset {args.preset}: {kind} student, {n_params / 1e6:.2f}M trained parameters, {num_items} training "
+          f"items in {args.data_dir}; {device}, {world} process(es), {precision}")
     print(f"steps {step} -> {args.steps}: batch {args.batch_size} x grad-accum {args.grad_accum} x {world} = "
           f"{args.batch_size * args.grad_accum * world} samples/step, lr {args.lr} ({args.warmup} warm-up, "
           f"{args.lr_schedule}); recipe {args.recipe}: {cd}")
@@ -435,8 +462,9 @@ def print_plan(args: argparse.Namespace, cd: CDConfig, student: torch.nn.Module,
 def print_result(args: argparse.Namespace, result: dict) -> None:
     timing = (f"{result['sec_per_step']:.2f} s/step, {result['samples_per_s']:.1f} samples/s"
               if result["sec_per_step"] else "no steps run")
+    extra = [result[k] for k in ("guidance_embedder", "lora") if result[k]]
     print(f"done: step {result['step']}, loss {result['loss']:.4g}, {timing}; wrote {result['student']}"
-          + (f" and {result['guidance_embedder']}" if result["guidance_embedder"] else ""))
+          + "".join(f" and {path}" for path in extra))
     val = result["val"] or {}
     if "adherence/teacher" in val:
         print(f"adherence on {args.val_samples} validation captions: teacher {val['adherence/teacher']:.3f}"
@@ -464,7 +492,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     preset = get_preset(args.preset)
     check_data_dir(args.data_dir, preset.latent_shape, preset.dit_kwargs["caption_channels"])
 
-    # Networks: the frozen teacher (pipe.dit, in --dtype), the student (fp32), its target and slow EMA
+    # Networks: the frozen teacher (pipe.dit, in --dtype), the student (fp32 or LoRA), its target and slow EMA
     pipe = pipeline_from_args(args, device)
     nets, optimizer, scheduler = make_networks(args, cd, pipe, device)
     student, exported = nets["student"], nets["ema"] if nets["ema"] is not None else nets["student"]
@@ -544,7 +572,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     # End: the last checkpoint and validation, the exported student, the closing summary
     sec_per_step = float(np.mean(step_times)) if step_times else None
     result = dict(step=step, interrupted=interrupted, checkpoint=last_ckpt, out_dir=args.out_dir, loss=loss,
-                  val=val_metrics, log=log_path, student=None, guidance_embedder=None, sec_per_step=sec_per_step,
+                  val=val_metrics, log=log_path, student=None, guidance_embedder=None, lora=None,
+                  sec_per_step=sec_per_step,
                   samples_per_s=effective / sec_per_step if sec_per_step else None)
     if interrupted:
         return result
@@ -556,6 +585,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if main_process:
         meta = {"preset": args.preset, "step": str(step), "recipe": args.recipe,
                 "cd": json.dumps(dataclasses.asdict(cd)), "weights": "slow EMA" if nets["ema"] is not None else "student"}
+        if args.lora_rank:  # the adapter alone, and merged into the teacher's float32 weights
+            lora = exported.lora_state()
+            result["lora"] = save_lora(args.out_dir, lora, args.lora_rank, args.lora_alpha, LORA_TARGETS, meta)
+            exported = merge_lora(build_dit(preset, args.teacher), lora, args.lora_alpha)
         result["student"], result["guidance_embedder"] = save_student(args.out_dir, exported, meta)
         plot_curves(args.out_dir)
         if writer:
