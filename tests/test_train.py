@@ -219,13 +219,14 @@ def test_cli_flags_cover_cd_config():
         train.parse_args(["--steps", "0"])
 
 
-def test_two_processes_under_accelerate(data_dir, tmp_path):
+@pytest.mark.parametrize("student", [[], ["--lora-rank", "4"]], ids=["full", "lora"])
+def test_two_processes_under_accelerate(data_dir, tmp_path, student):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # `--multi_gpu` starts torchrun workers; on a machine without CUDA train.py joins them over gloo on the CPU.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py",
            "--preset", "tiny-random", "--data-dir", data_dir, "--out-dir", str(tmp_path), "--steps", "2",
-           "--batch-size", "2", "--val-every", "0", "--val-samples", "1", "--cpu"]
+           "--batch-size", "2", "--val-every", "0", "--val-samples", "1", "--cpu", *student]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "= 4 samples/step" in result.stdout  # batch 2 x 2 processes
