@@ -1,0 +1,142 @@
+"""Count the GPU memory of one CD training step (train.py) for a full student and LoRA students, per batch size,
+with and without --grad-checkpointing. Nothing is allocated or computed: the networks are fake tensors (shapes
+and dtypes only, torch's FakeTensorMode), so the 1.16B-parameter MicroDiT_XL_2 is counted on any machine.
+
+    python bench_memory.py                                  # MicroDiT_XL_2 at 512 px, bf16: BENCHMARKS.md
+    python bench_memory.py --preset tiny --lora-rank 0 8 --batch-size 32 64
+
+Counted, in the dtypes of a GPU run (teacher --dtype bf16, --precision bf16 autocast):
+- weights and state: the teacher; a full student's fp32 weights, gradients, AdamW moments, EMA target and slow
+  EMA; a LoRA student's base is the teacher itself, and the rest is adapters (three copies, one trained).
+- activations: the tensors autograd keeps for the student's backward after one forward (saved_tensors_hooks, each
+  storage once, parameters excluded), at batch 1 and 2, split into a part per sample and a fixed part (the
+  autocast bf16 copies of fp32 weights). Attention is counted as the fused kernels keep it (q, k, v, output,
+  logsumexp), not as the T x T matrix of the math path. With gradient checkpointing: what is kept outside the
+  blocks, every block's input, and the largest block's saved tensors (the backward recomputes one at a time).
+Not counted: the CUDA context and allocator slack (~0.5-1 GiB), the no-grad working memory of the teacher's
+guided passes (batch 2B) and the target's, and the backward's transient gradients: leave room for them.
+CPU autocast stands in for CUDA's: matmuls run in bf16 on both, but CUDA's LayerNorm outputs fp32 where the CPU's
+keeps its input dtype, so the residual stream's normalised copies may count up to twice here.
+"""
+import argparse
+from unittest import mock
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import microdit
+from lora import add_adapters
+from pipeline import DTYPES, PRESETS, get_preset
+from utils import run_cli
+
+GIB = 2**30
+
+
+class FusedAttentionStandIn(torch.autograd.Function):
+    """What the fused SDPA kernels keep for the backward: q, k, v, the output, a float32 logsumexp (B, H, T)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+
+def meta_student(preset_name: str, lora_rank: int, teacher_dtype: torch.dtype):
+    """(network to call, the DiT, trained parameters, teacher parameters) on the meta device: a full fp32
+    student, or the teacher in `teacher_dtype` with LoRA adapters of `lora_rank` (peft works on meta tensors)."""
+    preset = get_preset(preset_name)
+    with torch.device("meta"):
+        dit = getattr(microdit, preset.dit_arch)(**preset.dit_kwargs)
+    dit = dit.to(device="meta", dtype=torch.float32 if lora_rank == 0 else teacher_dtype)
+    params = sum(p.numel() for p in dit.parameters())
+    if lora_rank == 0:
+        return dit, dit, params, params
+    # the target and slow-EMA adapters only add their weights (counted in memory_row), not activations
+    adapters = add_adapters(dit.requires_grad_(False), ["student"], lora_rank, float(lora_rank))
+    return adapters["student"], dit, sum(p.numel() for p in adapters["student"].parameters()), params
+
+
+def saved_bytes(net, dit, preset_name: str, batch: int) -> tuple[int, list[int], list[int]]:
+    """One student forward at `batch`: (bytes saved outside the transformer blocks, bytes saved inside each block,
+    bytes of each block's input x)."""
+    preset = get_preset(preset_name)
+    blocks = list(dit.blocks) + (list(dit.patch_mixer) if dit.use_patch_mixer else [])
+    params = {p.untyped_storage()._cdata for p in dit.parameters()} | \
+        {p.untyped_storage()._cdata for p in net.parameters()}
+    seen, current, outside, inside, inputs = set(), [None], [0], [0] * len(blocks), [0] * len(blocks)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in seen and key not in params:
+            seen.add(key)
+            size = t.untyped_storage().nbytes()
+            if current[0] is None:
+                outside[0] += size
+            else:
+                inside[current[0]] += size
+        return t
+
+    def enter(i: int):
+        def hook(module, args):
+            current[0], inputs[i] = i, args[0].numel() * args[0].element_size()
+        return hook
+
+    handles = [b.register_forward_pre_hook(enter(i)) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(lambda *_: current.__setitem__(0, None)) for b in blocks]
+    x = torch.randn(batch, *preset.latent_shape)
+    t, y = torch.randn(batch), torch.randn(batch, 1, 77, preset.dit_kwargs["caption_channels"])
+    sdpa = lambda q, k, v: FusedAttentionStandIn.apply(q, k, v)  # noqa: E731
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", sdpa), \
+            torch.autocast("cpu", torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x, t, y)
+    for h in handles:
+        h.remove()
+    return outside[0], inside, inputs
+
+
+def memory_row(preset_name: str, lora_rank: int, teacher_dtype: torch.dtype, checkpointing: bool) -> dict:
+    """GiB of the persistent state, the fixed activations and the activations per sample of one configuration."""
+    net, dit, trained, base = meta_student(preset_name, lora_rank, teacher_dtype)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        dit.to_empty(device="cpu")  # fake tensors in place of the meta ones (the same Parameter objects)
+        counts = []
+        for batch in (1, 2):
+            outside, inside, inputs = saved_bytes(net, dit, preset_name, batch)
+            counts.append(outside + (sum(inputs) + max(inside) if checkpointing else sum(inside)))
+    teacher = base * torch.finfo(teacher_dtype).bits // 8
+    # fp32 weights 4 + gradients 4 + AdamW moments 8 + EMA target 4 + slow EMA 4 bytes per trained parameter
+    state = trained * 24
+    per_sample = counts[1] - counts[0]
+    return dict(student=f"LoRA rank {lora_rank}" if lora_rank else "full", checkpointing=checkpointing,
+                trained=trained, weights_gib=(teacher + state) / GIB, fixed_gib=(counts[0] - per_sample) / GIB,
+                per_sample_gib=per_sample / GIB)
+
+
+def total_gib(row: dict, batch: int) -> float:
+    return row["weights_gib"] + row["fixed_gib"] + batch * row["per_sample_gib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="microdit-xl-512", help=f"one of: {', '.join(PRESETS)}")
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="the teacher's (and LoRA base's) dtype")
+    parser.add_argument("--lora-rank", type=int, nargs="+", default=[0, 8, 32], help="0: the full student")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    args = parser.parse_args()
+
+    rows = [memory_row(args.preset, rank, DTYPES[args.dtype], ckpt) for rank in args.lora_rank
+            for ckpt in (False, True)]
+    print(f"{args.preset}, teacher {args.dtype}, bf16 autocast: GiB counted by bench_memory.py")
+    print("| student | grad ckpt | trained params | weights + state | fixed act. | act. / sample | "
+          + " | ".join(f"total, batch {b}" for b in args.batch_size) + " |")
+    print("|---" * (6 + len(args.batch_size)) + "|")
+    for r in rows:
+        print(f"| {r['student']} | {'yes' if r['checkpointing'] else 'no'} | {r['trained'] / 1e6:.1f}M | "
+              f"{r['weights_gib']:.2f} | {r['fixed_gib']:.2f} | {r['per_sample_gib']:.3f} | "
+              + " | ".join(f"{total_gib(r, b):.1f}" for b in args.batch_size) + " |")
+
+
+if __name__ == "__main__":
+    run_cli(main)
