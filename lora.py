@@ -50,7 +50,8 @@ class Adapter(nn.Module):
         return self.dit(*args, **kwargs)
 
     def lora_state(self) -> dict[str, torch.Tensor]:
-        """The factors in peft's file layout: "<layer>.lora_A.weight" (rank, in), "<layer>.lora_B.weight" (out, rank)."""
+        """The factors in peft's file layout: "<layer>.lora_A.weight" (rank, in), "<layer>.lora_B.weight"
+        (out, rank)."""
         return {key.replace("/", ".") + ".weight": p.detach() for key, p in self.factors.items()}
 
 

@@ -53,8 +53,8 @@ from dataset import CAPTIONS_CSV, CAPTIONS_JSON, MANIFEST_JSON, check_data_dir, 
 from lora import LORA_TARGETS, add_adapters
 from pipeline import GUIDANCE_FILE, Pipeline, add_pipeline_args, build_dit, get_preset, merge_lora, \
     pipeline_from_args, save_lora, save_student, teacher_path
-from utils import (StopRequest, UserError, append_jsonl, atomic_write, atomic_write_json, load_torch_file, rng_state,
-                   run_cli, seed_everything, set_rng_state, truncate_jsonl)
+from utils import (StopRequest, UserError, append_jsonl, atomic_write, atomic_write_json, first_line, load_torch_file,
+                   rng_state, run_cli, seed_everything, set_rng_state, truncate_jsonl)
 from validation import LOG_FILE, VAL_DIR, VAL_LOG_FILE, VAL_STUDENT_STEPS, Validator, plot_curves, steps_label, \
     validation_prompts
 
@@ -285,8 +285,10 @@ def make_networks(args: argparse.Namespace, cd: CDConfig, pipe: Pipeline, device
     seed_everything(args.seed)  # a new guidance embedder or the LoRA A factors are drawn from it
     if args.lora_rank:
         names = ["student"] + [n for n, on in (("target", cd.target_decay > 0), ("ema", args.ema > 0)) if on]
-        adapters = add_adapters(pipe.dit, names, args.lora_rank, args.lora_alpha)
-        nets, base, pipe.dit = {k: adapters.get(k) for k in ("student", "target", "ema")}, pipe.dit, adapters[None]
+        base = pipe.dit
+        adapters = add_adapters(base, names, args.lora_rank, args.lora_alpha)
+        pipe.dit = adapters[None]  # the pipeline (validation, teacher passes) keeps sampling the teacher
+        nets = {k: adapters.get(k) for k in ("student", "target", "ema")}
     else:
         base = build_dit(pipe.preset, args.teacher)
         if cd.guidance_range is not None:
@@ -374,7 +376,11 @@ def load_checkpoint(path: str, world: int, nets: dict, optimizer, scheduler) -> 
         if net is not None:
             if ckpt[key] is None:
                 raise UserError(f"{path} has no {key} network: resume with the same --target-decay/--ema")
-            net.load_state_dict(ckpt[key])
+            try:
+                net.load_state_dict(ckpt[key])
+            except RuntimeError as e:
+                raise UserError(f"{path} does not fit this run's {key} network ({first_line(e)[:200]}): resume "
+                                "with the same --preset and --lora-rank") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     return ckpt["step"], ckpt["rng"]

@@ -138,8 +138,8 @@ def test_lora_training_exports_a_merged_student_and_the_adapter(data_dir, teache
 
 
 def test_lora_resume_is_exact_and_checkpointing_changes_nothing(data_dir, teacher_file, tmp_path):
-    common = ["--teacher", teacher_file, "--steps", 4, "--lora-rank", 4, "--lr", 1e-2, "--ckpt-every", 2, "--keep-ckpts", 3, "--ema", 0.9,
-              "--target-decay", 0.5, "--batch-size", 2, "--grad-accum", 2]
+    common = ["--teacher", teacher_file, "--steps", 4, "--lora-rank", 4, "--lr", 1e-2, "--ckpt-every", 2,
+              "--keep-ckpts", 3, "--ema", 0.9, "--target-decay", 0.5, "--batch-size", 2, "--grad-accum", 2]
     straight = run(data_dir, tmp_path / "straight", *common)
     os.makedirs(tmp_path / "resumed" / train.CKPT_DIR)
     shutil.copy(train.checkpoint_path(str(tmp_path / "straight"), 2), tmp_path / "resumed" / train.CKPT_DIR)
@@ -147,6 +147,9 @@ def test_lora_resume_is_exact_and_checkpointing_changes_nothing(data_dir, teache
     run(data_dir, tmp_path / "resumed", *common, "--resume", "auto")
     a, b = tensors(load_checkpoint(tmp_path / "straight", 4)), tensors(load_checkpoint(tmp_path / "resumed", 4))
     assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+    PartialState._reset_state()
+    with pytest.raises(UserError, match="does not fit this run's student network.*--lora-rank"):
+        run(data_dir, tmp_path / "resumed", *common, "--lora-rank", 8, "--resume", "auto")  # the last flag wins
     PartialState._reset_state()
     recomputed = run(data_dir, tmp_path / "ckpt", *common, "--grad-checkpointing")
     lora_a, lora_b = load_file(straight["lora"]), load_file(recomputed["lora"])
