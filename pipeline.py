@@ -474,15 +474,14 @@ def merge_lora(dit: nn.Module, lora: dict[str, torch.Tensor], alpha: float) -> n
     layers = sorted({k.rsplit(".lora_", 1)[0] for k in lora})
     with torch.no_grad():
         for layer in layers:
-            weight, a, b = params.get(f"{layer}.weight"), lora.get(f"{layer}.lora_A.weight"), \
-                lora.get(f"{layer}.lora_B.weight")
-            if weight is None or a is None or b is None or weight.ndim != 2 or b.shape[1] != a.shape[0] \
-                    or (b.shape[0], a.shape[1]) != tuple(weight.shape):
-                shapes_seen = {"A": a, "B": b, "weight": weight}
-                found = ", ".join(f"{n} {tuple(t.shape)}" if t is not None else f"no {n}"
-                                  for n, t in shapes_seen.items())
-                raise UserError(f"LoRA factors of {layer} do not fit the DiT ({found}); check --preset")
-            delta = (alpha / a.shape[0]) * (b.float() @ a.float())
+            found = {"A": lora.get(f"{layer}.lora_A.weight"), "B": lora.get(f"{layer}.lora_B.weight"),
+                     "weight": params.get(f"{layer}.weight")}
+            a, b, weight = found.values()
+            if any(t is None for t in found.values()) or weight.ndim != 2 or \
+                    (b.shape[0], b.shape[1], a.shape[1]) != (weight.shape[0], a.shape[0], weight.shape[1]):
+                shapes = ", ".join(f"{n} {tuple(t.shape)}" if t is not None else f"no {n}" for n, t in found.items())
+                raise UserError(f"LoRA factors of {layer} do not fit the DiT ({shapes}); check --preset")
+            delta = (alpha / a.shape[0]) * (b.float() @ a.float())  # (out, rank) @ (rank, in)
             weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
     return dit
 
