@@ -62,8 +62,7 @@ def saved_bytes(net, dit, preset_name: str, batch: int) -> tuple[int, list[int],
     bytes of each block's input x)."""
     preset = get_preset(preset_name)
     blocks = list(dit.blocks) + (list(dit.patch_mixer) if dit.use_patch_mixer else [])
-    params = {p.untyped_storage()._cdata for p in dit.parameters()} | \
-        {p.untyped_storage()._cdata for p in net.parameters()}
+    params = {p.untyped_storage()._cdata for p in dit.parameters()}  # a LoRA adapter's factors are the DiT's too
     seen, current, outside, inside, inputs = set(), [None], [0], [0] * len(blocks), [0] * len(blocks)
 
     def pack(t: torch.Tensor) -> torch.Tensor:

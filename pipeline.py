@@ -403,11 +403,19 @@ def text_fingerprint(encoder: TextEncoder) -> list[float]:
 TEXT_FINGERPRINT_KEY = "text_fingerprint"
 
 
+def safetensors_metadata(path: str) -> dict[str, str]:
+    """The metadata of a .safetensors file ({} for any other file); a UserError if it cannot be read."""
+    if not path.endswith(".safetensors"):
+        return {}
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises several types for a corrupt or truncated file
+        raise UserError(f"cannot read {path} as safetensors ({first_line(e)})") from None
+
+
 def _check_text_fingerprint(path: Optional[str], encoder: TextEncoder) -> None:
-    if path is None or not path.endswith(".safetensors"):
-        return
-    with safe_open(path, "pt") as f:
-        stored = (f.metadata() or {}).get(TEXT_FINGERPRINT_KEY)
+    stored = safetensors_metadata(path).get(TEXT_FINGERPRINT_KEY) if path is not None else None
     if stored is not None and not np.allclose(json.loads(stored), text_fingerprint(encoder), atol=2e-3):
         raise UserError(f"{path} was trained on a text tower that this torch ({torch.__version__}) does not draw "
                         f"from the same seed (fingerprint {stored} vs {text_fingerprint(encoder)}); rebuild the "
@@ -486,25 +494,13 @@ def merge_lora(dit: nn.Module, lora: dict[str, torch.Tensor], alpha: float) -> n
     return dit
 
 
-def lora_metadata(path: str) -> Optional[dict[str, str]]:
-    """The metadata of a LORA_FILE-style safetensors file, or None for any other file."""
-    if not path.endswith(".safetensors"):
-        return None
-    try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors raises several types for a corrupt or truncated file
-        raise UserError(f"cannot read {path} as safetensors ({first_line(e)})") from None
-    return meta if "lora_rank" in meta else None
-
-
 def load_student(preset: Preset, path: str, device: torch.device, dtype: torch.dtype,
                  teacher: Optional[str] = None) -> tuple[nn.Module, bool]:
     """A student saved by `save_student` (or a LORA_FILE, merged into the `teacher` weights, default the preset's
     own), frozen for sampling on `device` in `dtype`, and whether it is w-conditioned (it has a sibling
     GUIDANCE_FILE, loaded into a guidance embedder)."""
-    meta = lora_metadata(path)
-    if meta is not None:
+    meta = safetensors_metadata(path)
+    if "lora_rank" in meta:  # a LORA_FILE
         lora = microdit.read_state_dict(path)
         return _frozen(merge_lora(build_dit(preset, teacher), lora, float(meta["lora_alpha"])), device, dtype), False
     dit = build_dit(preset, path)
