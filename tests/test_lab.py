@@ -45,10 +45,11 @@ def test_short_distillation_keeps_adherence_and_beats_the_teachers_own_4_steps(t
     teacher_4 = generate_images(pipe, prompts, seeds, 4, pipe.preset.guidance_scale, VAL_SAMPLES)["images"]
     teacher_4 = shapes.score(teacher_4, prompts, {"teacher": shapes.shapes_features(teacher_30)})
 
-    # the distillation: the 4-step student is drawn towards the teacher's own samples...
-    assert val["shapes_fd_teacher/4"] < 0.5 * start["shapes_fd_teacher/4"], (start, val)  # measured: 400 -> 152
+    # the distillation: the 4-step student is drawn towards the teacher's own samples (measured: 222 -> 72; a
+    # broken recipe stays further: the online target (--target-decay 0) 106, --skip 4 260)...
+    assert val["shapes_fd_teacher/4"] < 0.4 * start["shapes_fd_teacher/4"], (start, val)
     # ...without losing what the teacher draws right (a blurry early student can score above the teacher: the
     # classifier reads the mean of the captioned distribution well, hence one-sided)
-    assert val["adherence/4"] >= val["adherence/teacher"] - 0.10, val  # measured: 0.61 vs 0.48
-    # and the teacher's own sampler at the same cost does far worse on both (measured: 0.00, 4419)
+    assert val["adherence/4"] >= val["adherence/teacher"] - 0.10, val  # measured: 0.938 vs 0.938
+    # and the teacher's own sampler at the same cost does far worse on both (measured: 0.00, 3291)
     assert val["adherence/4"] > teacher_4["adherence"] and val["shapes_fd_teacher/4"] < teacher_4["shapes_fd_teacher"]
