@@ -4,8 +4,9 @@ and dtypes only, torch's FakeTensorMode), so the 1.16B-parameter MicroDiT_XL_2 i
 
     python bench_memory.py                                  # MicroDiT_XL_2 at 512 px, bf16: BENCHMARKS.md
     python bench_memory.py --preset tiny --lora-rank 0 8 --batch-size 32 64
+    python bench_memory.py --dtype fp32 --precision fp32 --lora-rank 32 --batch-size 1 2   # train.py on the CPU
 
-Counted, in the dtypes of a GPU run (teacher --dtype bf16, --precision bf16 autocast):
+Counted, by default in the dtypes of a GPU run (teacher --dtype bf16, --precision bf16 autocast):
 - weights and state: the teacher; a full student's fp32 weights, gradients, AdamW moments, EMA target and slow
   EMA; a LoRA student's base is the teacher itself, and the rest is adapters (three copies, one trained).
 - activations: the tensors autograd keeps for the student's backward after one forward (saved_tensors_hooks, each
@@ -27,6 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import microdit
 from lora import add_adapters
 from pipeline import DTYPES, PRESETS, get_preset
+from train import state_bytes
 from utils import run_cli
 
 GIB = 2**30
@@ -57,9 +59,9 @@ def meta_student(preset_name: str, lora_rank: int, teacher_dtype: torch.dtype):
     return adapters["student"], dit, sum(p.numel() for p in adapters["student"].parameters()), params
 
 
-def saved_bytes(net, dit, preset_name: str, batch: int) -> tuple[int, list[int], list[int]]:
-    """One student forward at `batch`: (bytes saved outside the transformer blocks, bytes saved inside each block,
-    bytes of each block's input x)."""
+def saved_bytes(net, dit, preset_name: str, batch: int, precision: str = "bf16") -> tuple[int, list[int], list[int]]:
+    """One student forward at `batch` (under bf16 autocast, or in float32 for precision "fp32"): (bytes saved
+    outside the transformer blocks, bytes saved inside each block, bytes of each block's input x)."""
     preset = get_preset(preset_name)
     blocks = list(dit.blocks) + (list(dit.patch_mixer) if dit.use_patch_mixer else [])
     params = {p.untyped_storage()._cdata for p in dit.parameters()}  # a LoRA adapter's factors are the DiT's too
@@ -86,29 +88,29 @@ def saved_bytes(net, dit, preset_name: str, batch: int) -> tuple[int, list[int],
     x = torch.randn(batch, *preset.latent_shape)
     t, y = torch.randn(batch), torch.randn(batch, 1, 77, preset.dit_kwargs["caption_channels"])
     sdpa = lambda q, k, v: FusedAttentionStandIn.apply(q, k, v)  # noqa: E731
-    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", sdpa), \
-            torch.autocast("cpu", torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16")
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", sdpa), autocast, \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         net(x, t, y)
     for h in handles:
         h.remove()
     return outside[0], inside, inputs
 
 
-def memory_row(preset_name: str, lora_rank: int, teacher_dtype: torch.dtype, checkpointing: bool) -> dict:
+def memory_row(preset_name: str, lora_rank: int, teacher_dtype: torch.dtype, checkpointing: bool,
+               precision: str = "bf16") -> dict:
     """GiB of the persistent state, the fixed activations and the activations per sample of one configuration."""
     net, dit, trained, base = meta_student(preset_name, lora_rank, teacher_dtype)
     with FakeTensorMode(allow_non_fake_inputs=True):
         dit.to_empty(device="cpu")  # fake tensors in place of the meta ones (the same Parameter objects)
         counts = []
         for batch in (1, 2):
-            outside, inside, inputs = saved_bytes(net, dit, preset_name, batch)
+            outside, inside, inputs = saved_bytes(net, dit, preset_name, batch, precision)
             counts.append(outside + (sum(inputs) + max(inside) if checkpointing else sum(inside)))
-    teacher = base * torch.finfo(teacher_dtype).bits // 8
-    # fp32 weights 4 + gradients 4 + AdamW moments 8 + EMA target 4 + slow EMA 4 bytes per trained parameter
-    state = trained * 24
     per_sample = counts[1] - counts[0]
+    weights = state_bytes(base, trained, teacher_dtype, averages=2)  # with the EMA target and the slow EMA
     return dict(student=f"LoRA rank {lora_rank}" if lora_rank else "full", checkpointing=checkpointing,
-                trained=trained, weights_gib=(teacher + state) / GIB, fixed_gib=(counts[0] - per_sample) / GIB,
+                trained=trained, weights_gib=weights / GIB, fixed_gib=(counts[0] - per_sample) / GIB,
                 per_sample_gib=per_sample / GIB)
 
 
@@ -121,13 +123,15 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="microdit-xl-512", help=f"one of: {', '.join(PRESETS)}")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="the teacher's (and LoRA base's) dtype")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
+                        help="train.py's --precision: bf16 autocast (GPU) or float32 throughout (its CPU default)")
     parser.add_argument("--lora-rank", type=int, nargs="+", default=[0, 8, 32], help="0: the full student")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     args = parser.parse_args()
 
-    rows = [memory_row(args.preset, rank, DTYPES[args.dtype], ckpt) for rank in args.lora_rank
+    rows = [memory_row(args.preset, rank, DTYPES[args.dtype], ckpt, args.precision) for rank in args.lora_rank
             for ckpt in (False, True)]
-    print(f"{args.preset}, teacher {args.dtype}, bf16 autocast: GiB counted by bench_memory.py")
+    print(f"{args.preset}, teacher {args.dtype}, precision {args.precision}: GiB counted by bench_memory.py")
     print("| student | grad ckpt | trained params | weights + state | fixed act. | act. / sample | "
           + " | ".join(f"total, batch {b}" for b in args.batch_size) + " |")
     print("|---" * (6 + len(args.batch_size)) + "|")

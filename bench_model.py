@@ -6,28 +6,13 @@
 With no --teacher the DiT has random weights (the speed is the same). Prints a markdown table.
 """
 import argparse
-import time
-from typing import Callable
 
 import torch
 
 import microdit
 from pipeline import DTYPES, PRESETS, build_dit, get_preset
 from sampler import edm_sample, teacher_nfe
-from utils import run_cli
-
-
-def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Mean wall time of fn() in seconds, after `warmup` untimed calls, synchronising the device."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / repeats
+from utils import run_cli, timed
 
 
 def main() -> None:

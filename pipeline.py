@@ -9,9 +9,11 @@ Adding a preset: define a `Preset` below and list it in `PRESETS`. A preset's `c
 with `build(source, dtype, seed) -> codec`, where a codec is an `nn.Module` with `encode(images) -> latents`
 ((B, 3, H, W) in [-1, 1] -> latents already times the scaling factor) and `decode(latents) -> images`
 ((B, 3, H, W) float32 in [0, 1]). Its `text_encoder` is a spec with `width` and `build(source, seed) ->
-TextEncoder` (see `OpenCLIPText`, `RandomText`). `source` is the user's --vae / --text-encoder path or None.
+TextEncoder` (see `OpenCLIPText`, `RandomOpenCLIPText`, `RandomText`). `source` is the user's --vae /
+--text-encoder path or None.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -184,6 +186,23 @@ class RandomText:
         return TextEncoder(tower, open_clip.SimpleTokenizer())
 
 
+@dataclass(frozen=True)
+class RandomOpenCLIPText:
+    """The text tower of open_clip's built-in architecture `config` (built by open_clip's own text-tower builder,
+    as `open_clip.create_model` builds it) and that architecture's tokenizer, with random weights from the seed:
+    the real encoder's shapes, memory and cost without its weights."""
+
+    config: str
+    width: int
+
+    def build(self, source: Optional[str], seed: int) -> TextEncoder:
+        _no_source(source, "--text-encoder")
+        cfg = open_clip.get_model_config(self.config)
+        with _seeded(seed):
+            tower = open_clip.model._build_text_tower(cfg["embed_dim"], cfg["text_cfg"], cfg.get("quick_gelu", False))
+        return TextEncoder(tower, open_clip.get_tokenizer(self.config))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Latent codecs
 
@@ -245,24 +264,27 @@ class PretrainedVAE:
         return SDXLVAECodec(vae)
 
 
+# The SDXL VAE's architecture: config.json of stabilityai/stable-diffusion-xl-base-1.0, subfolder vae (83.65M
+# parameters), as AutoencoderKL constructor arguments.
+SDXL_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                       up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                       layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=1024,
+                       scaling_factor=0.13025, force_upcast=True)
+# A tiny AutoencoderKL of the same kind: four levels, three of them downsampling by 2 (x8, like the SDXL VAE).
+TINY_VAE_CONFIG = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                       block_out_channels=(8, 8, 16, 16), latent_channels=4, norm_num_groups=4, scaling_factor=0.13025)
+
+
 @dataclass(frozen=True)
 class RandomVAE:
-    """A tiny AutoencoderKL with random weights; one level per entry of block_out_channels, all but the last
-    downsampling by 2 (four levels: x8, like the SDXL VAE)."""
+    """An AutoencoderKL of the architecture `config` (its constructor arguments) with random weights from the seed."""
 
-    block_out_channels: tuple = (8, 8, 16, 16)
-    latent_channels: int = 4
-    norm_num_groups: int = 4
-    scaling_factor: float = 0.13025
+    config: dict
 
     def build(self, source: Optional[str], dtype: torch.dtype, seed: int) -> SDXLVAECodec:
         _no_source(source, "--vae")
-        levels = len(self.block_out_channels)
         with _seeded(seed):
-            vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels,
-                                up_block_types=("UpDecoderBlock2D",) * levels,
-                                block_out_channels=self.block_out_channels, latent_channels=self.latent_channels,
-                                norm_num_groups=self.norm_num_groups, scaling_factor=self.scaling_factor)
+            vae = AutoencoderKL(**self.config)
         return SDXLVAECodec(vae if dtype == torch.float32 else vae.to(dtype))  # .to() warns even for fp32
 
 
@@ -299,7 +321,7 @@ class Preset:
     dit_kwargs: dict
     latent_shape: tuple
     image_size: int
-    text_encoder: Union[OpenCLIPText, RandomText]
+    text_encoder: Union[OpenCLIPText, RandomOpenCLIPText, RandomText]
     codec: Union[PretrainedVAE, RandomVAE, PixelCodec]
     teacher_hint: str
     edm_config: EDMConfig = EDM
@@ -326,6 +348,18 @@ MICRODIT_XL_512 = Preset(
                  "(the SonyResearch/micro_diffusion release)",
 )
 
+# The dress rehearsal of the real model: the same architectures (DiT, SDXL VAE, DFN5B text tower and tokenizer) and
+# code paths as microdit-xl-512, every weight drawn from the seed, nothing downloaded.
+MICRODIT_XL_512_RANDOM = dataclasses.replace(
+    MICRODIT_XL_512,
+    name="microdit-xl-512-random",
+    run_dir="runs/microdit-xl-512-random",
+    text_encoder=RandomOpenCLIPText(config=MICRODIT_XL_512.text_encoder.config, width=1024),
+    codec=RandomVAE(SDXL_VAE_CONFIG),
+    teacher_hint="none needed: the DiT, VAE and text tower are random from --seed (or pass --teacher)",
+    random_dit=True,
+)
+
 _TINY_RANDOM_TEXT = RandomText(width=32, layers=2, heads=2)
 TINY_RANDOM = Preset(
     name="tiny-random",
@@ -341,7 +375,7 @@ TINY_RANDOM = Preset(
     latent_shape=(4, 8, 8),
     image_size=64,
     text_encoder=_TINY_RANDOM_TEXT,
-    codec=RandomVAE(),
+    codec=RandomVAE(TINY_VAE_CONFIG),
     teacher_hint="none needed: the DiT, VAE and text tower are random from --seed",
     random_dit=True,
 )
@@ -373,7 +407,7 @@ TINY = Preset(
     shapes_world=True,
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, MICRODIT_XL_512, TINY_RANDOM)}
+PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, MICRODIT_XL_512, MICRODIT_XL_512_RANDOM, TINY_RANDOM)}
 
 
 def get_preset(name: str) -> Preset:

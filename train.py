@@ -47,11 +47,12 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 import generate_data
+import microdit
 from cd_utils import INDEX_DISTS, LOSSES, SEED_RECIPE, SOLVERS, WEIGHTINGS, CDConfig, cd_loss, ema_decay, ema_update, \
     teacher_calls
 from dataset import CAPTIONS_CSV, CAPTIONS_JSON, MANIFEST_JSON, check_data_dir, get_dataloader, list_shards
 from lora import LORA_TARGETS, add_adapters
-from pipeline import GUIDANCE_FILE, Pipeline, add_pipeline_args, build_dit, get_preset, merge_lora, \
+from pipeline import DTYPES, GUIDANCE_FILE, Pipeline, add_pipeline_args, build_dit, get_preset, merge_lora, \
     pipeline_from_args, save_lora, save_student, teacher_path
 from utils import (StopRequest, UserError, append_jsonl, atomic_write, atomic_write_json, first_line, load_torch_file,
                    rng_state, run_cli, seed_everything, set_rng_state, truncate_jsonl)
@@ -81,6 +82,7 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
                                          "a red fox sitting in fresh snow, close-up"),
                             ckpt_every=1000, num_workers=4),
 }
+PRESET_DEFAULTS["microdit-xl-512-random"] = {**PRESET_DEFAULTS["microdit-xl-512"], "data_dir": "data/xl-random"}
 RECIPES = {"default": {}, "seed": SEED_RECIPE}  # overrides of CDConfig's defaults
 CKPT_DIR = "checkpoints"
 
@@ -167,6 +169,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--val-grid", type=int, help=f"validation prompts shown in the grid; {per_preset('val_grid')}")
     g.add_argument("--val-prompts", help="validation prompt file (default: the shapes world's held-out captions, "
                                          "or a few built-in prompts); cycled over --val-samples")
+    g.add_argument("--val-teacher-steps", type=int, help="Heun steps of the teacher's validation images (default: the "
+                   "preset's, 30; fewer only for a quick rehearsal: the teacher column is then not the reference)")
     g.add_argument("--val-seed", type=int, default=1000, help="validation noise seeds val-seed + i and the shapes "
                                                               "world's caption stream (default %(default)s)")
     g.add_argument("--ckpt-every", type=int, help=f"checkpoint every this many steps (0: only at the end); "
@@ -190,8 +194,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     for key, value in {**PRESET_DEFAULTS[preset.name], "out_dir": preset.run_dir}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.val_teacher_steps = preset.num_steps if args.val_teacher_steps is None else args.val_teacher_steps
     problems = [f"--{k.replace('_', '-')} must be >= 1" for k in ("steps", "batch_size", "grad_accum", "keep_ckpts",
-                                                                  "val_samples", "gen_num", "gen_batch_size")
+                                                                  "val_samples", "val_teacher_steps", "gen_num",
+                                                                  "gen_batch_size")
                 if getattr(args, k) < 1]
     problems += [f"{flag} must be {rule}" for flag, ok, rule in (
         ("--lr", args.lr > 0, "> 0"), ("--ema", 0 <= args.ema < 1, "in [0, 1)"), ("--warmup", args.warmup >= 0, ">= 0"),
@@ -306,6 +312,43 @@ def make_networks(args: argparse.Namespace, cd: CDConfig, pipe: Pipeline, device
     return nets, optimizer, scheduler
 
 
+def state_bytes(base_params: int, trained_params: int, teacher_dtype: torch.dtype, averages: int) -> int:
+    """Bytes of the networks and optimizer state of a run: the teacher in its dtype, and per trained parameter (the
+    full student's or the LoRA factors) fp32 weights 4 + gradients 4 + AdamW moments 8 + 4 per weight average
+    (EMA target, slow EMA). The activations (bench_memory.py counts them), text encoder and VAE come on top."""
+    return base_params * torch.finfo(teacher_dtype).bits // 8 + trained_params * (16 + 4 * averages)
+
+
+def available_memory_gib(device: torch.device) -> float:
+    """Free memory of a CUDA device, or the system's available memory (MemAvailable) for the CPU, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**30
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) / 2**20  # kB
+
+
+def check_memory(args: argparse.Namespace, cd: CDConfig, device: torch.device) -> None:
+    """Refuse, before any expensive work, a run whose networks and optimizer state alone (`state_bytes`) do not fit
+    in the device's free memory: on the CPU the kernel would otherwise kill the run without a message."""
+    preset = get_preset(args.preset)
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        dit = getattr(microdit, preset.dit_arch)(**preset.dit_kwargs)
+    base = sum(p.numel() for p in dit.parameters())
+    trained = sum(p.numel() for p in add_adapters(dit, ["student"], args.lora_rank, args.lora_alpha)["student"]
+                  .parameters()) if args.lora_rank else base
+    averages = (cd.target_decay > 0) + (args.ema > 0)
+    need = state_bytes(base, trained, DTYPES[args.dtype], averages) / 2**30
+    have = available_memory_gib(device)
+    if need > have:
+        kind = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full"
+        hint = "a smaller --lora-rank" if args.lora_rank else "a LoRA student (--lora-rank 32 --grad-checkpointing)"
+        raise UserError(f"the {kind} student of {preset.name} needs {need:.1f} GiB for its networks and optimizer "
+                        f"state alone ({base / 1e6:.0f}M teacher parameters in {args.dtype}, {trained / 1e6:.1f}M "
+                        f"trained with AdamW and {averages} weight average(s)) and {device} has {have:.1f} GiB free: "
+                        f"train {hint}, or on a device with more memory")
+
+
 def loss_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
     """The CD noise generator of one rank, seeded from (seed, rank)."""
     state = int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
@@ -403,7 +446,7 @@ def make_validator(args: argparse.Namespace, cd: CDConfig, pipe: Pipeline) -> Va
     prompts, real = validation_prompts(pipe, args.val_samples, args.val_seed, args.val_prompts)
     return Validator(pipe, args.out_dir, prompts, [args.val_seed + i for i in range(len(prompts))], real,
                      cd.guidance, cd.guidance_range is not None, args.batch_size, args.val_grid,
-                     teacher_path(pipe.preset, args.teacher))
+                     teacher_path(pipe.preset, args.teacher), args.val_teacher_steps)
 
 
 def validate(accelerator: Accelerator, validator: Optional[Validator], step: int, net: torch.nn.Module,
@@ -456,7 +499,8 @@ def print_plan(args: argparse.Namespace, cd: CDConfig, student: torch.nn.Module,
     t_calls = teacher_calls(cd)
     kind = f"LoRA rank {args.lora_rank} alpha {args.lora_alpha:g}" if args.lora_rank else "full"
     print(f"preset {args.preset}: {kind} student, {n_params / 1e6:.2f}M trained parameters, {num_items} training "
-          f"items in {args.data_dir}; {device}, {world} process(es), {precision}")
+          f"items in {args.data_dir}; {device}, {world} process(es), {precision}; peak memory so far "
+          f"{peak_memory_gb(device):.2f} GiB")
     print(f"steps {step} -> {args.steps}: batch {args.batch_size} x grad-accum {args.grad_accum} x {world} = "
           f"{args.batch_size * args.grad_accum * world} samples/step, lr {args.lr} ({args.warmup} warm-up, "
           f"{args.lr_schedule}); recipe {args.recipe}: {cd}")
@@ -491,6 +535,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
     resume_from = resolve_resume(args)
+    check_memory(args, cd, device)
 
     # Data: generated if missing, then read through before the teacher's validation images are made
     ensure_teacher_data(args, device)

@@ -1,5 +1,5 @@
 """Small helpers shared by the scripts: user-facing errors, atomic writes, jsonl logs, seeding and RNG states,
-stopping on a signal, labelled image grids."""
+stopping on a signal, labelled image grids, timing."""
 import io
 import json
 import os
@@ -8,6 +8,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -196,3 +197,16 @@ def save_grid(path: str, columns: Sequence[tuple[str, np.ndarray]], captions: Op
         lines = _wrap(draw, text, font, label_w - 10, max(1, (cell - 8) // 14))
         draw.multiline_text((4, title_h + r * pitch + 4), "\n".join(lines), fill="black", font=font, spacing=2)
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
+def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Mean wall time of fn() in seconds, after `warmup` untimed calls, synchronising the device."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats

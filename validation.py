@@ -40,14 +40,15 @@ def validation_prompts(pipe: Pipeline, num: int, seed: int,
 
 
 class Validator:
-    """Renders and scores the validation set; `validator(step, student)` writes OUT_DIR/val/step_XXXXXX.png
-    (teacher | student 1 | 2 | 4 steps, rows captioned) and returns the metrics {"<name>/<k>": value, and the
-    teacher's as "<name>/teacher"} (empty outside the shapes world or without the shapes classifier)."""
+    """Renders and scores the validation set, the teacher at `teacher_steps` Heun steps; `validator(step, student)`
+    writes OUT_DIR/val/step_XXXXXX.png (teacher | student 1 | 2 | 4 steps, rows captioned) and returns the metrics
+    {"<name>/<k>": value, and the teacher's as "<name>/teacher"} (empty outside the shapes world or without the
+    shapes classifier)."""
 
     def __init__(self, pipe: Pipeline, out_dir: str, prompts: Sequence[str], seeds: Sequence[int],
                  real: Optional[torch.Tensor], guidance: float, w_conditioned: bool, batch_size: int,
-                 grid_rows: int, teacher_file: Optional[str]):
-        self.pipe, self.prompts, self.seeds = pipe, list(prompts), list(seeds)
+                 grid_rows: int, teacher_file: Optional[str], teacher_steps: int):
+        self.pipe, self.prompts, self.seeds, self.teacher_steps = pipe, list(prompts), list(seeds), teacher_steps
         self.guidance, self.w_conditioned, self.batch_size = guidance, w_conditioned, batch_size
         self.folder, self.grid_rows = os.path.join(out_dir, VAL_DIR), grid_rows
         self.teacher_images = self.render_teacher(teacher_file)
@@ -67,7 +68,7 @@ class Validator:
         stat = os.stat(teacher_file) if teacher_file else None  # a retrained teacher at the same path: render again
         key = dict(preset=preset.name, teacher=teacher_file, teacher_file=(stat.st_size, stat.st_mtime_ns) if stat
                    else None, dtype=str(self.pipe.dtype), prompts=self.prompts, seeds=self.seeds,
-                   steps=preset.num_steps, guidance=self.guidance)
+                   steps=self.teacher_steps, guidance=self.guidance)
         path = os.path.join(self.folder, "teacher.pt")
         if os.path.isfile(path):
             try:
@@ -85,7 +86,7 @@ class Validator:
 
     @torch.no_grad()
     def __call__(self, step: int, student: torch.nn.Module) -> dict[str, float]:
-        columns = [(f"teacher\n{self.pipe.preset.num_steps} steps", to_uint8(self.teacher_images[:self.grid_rows]))]
+        columns = [(f"teacher\n{steps_label(self.teacher_steps)}", to_uint8(self.teacher_images[:self.grid_rows]))]
         metrics = {}
         for k in VAL_STUDENT_STEPS:
             def sample_fn(noise: torch.Tensor, y: torch.Tensor, seeds: list[int]) -> torch.Tensor:

@@ -26,3 +26,17 @@ def fresh_accelerate_state(one_thread):
     yield
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xl: the real-size rehearsal on the CPU (minutes, ~9 GiB); run with -m xl")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The xl tests run only when asked for by `-m xl` (or a marker expression naming xl)."""
+    if "xl" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="the real-size rehearsal is opt-in: python -m pytest -m xl")
+    for item in items:
+        if "xl" in item.keywords:
+            item.add_marker(skip)

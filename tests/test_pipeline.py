@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import pipeline
-from pipeline import PRESETS, TINY_RANDOM, PretrainedVAE, RandomVAE, TextEncoder, load_pipeline
+from pipeline import PRESETS, TINY_RANDOM, TINY_VAE_CONFIG, PretrainedVAE, RandomVAE, TextEncoder, load_pipeline
 from sampler import edm_sample
 from utils import UserError
 
@@ -207,7 +207,7 @@ def test_random_parts_take_no_weights(tmp_path):
 
 
 def test_random_vae_downsamples_by_8():
-    codec = RandomVAE().build(None, torch.float32, seed=0)
+    codec = RandomVAE(TINY_VAE_CONFIG).build(None, torch.float32, seed=0)
     assert codec.encode(torch.zeros(1, 3, 32, 48)).shape == (1, 4, 4, 6)
 
 
