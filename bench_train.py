@@ -7,9 +7,10 @@ device's memory runs out: seconds per step, samples/s, FLOPs, MFU and peak memor
 
 The networks and the recipe are train.py's (`train.make_networks`, `train.cd_config_from_args` with the default
 recipe); the batches are random latents and caption embeddings of the preset's shapes (the speed does not depend on
-them). One step = `cd_loss` (the guided Heun teacher step, the EMA target, the student's forward) under the
---precision autocast, its backward, gradient clipping, AdamW and the EMA updates. FLOPs: torch's FlopCounterMode
-over one whole step (recomputation included with --grad-checkpointing); MFU = FLOPs / step time / --peak-tflops.
+them). One step = `cd_loss` (the guided teacher ODE step, Heun by default; the EMA target; the student's forward)
+under the --precision autocast, its backward, gradient clipping, AdamW and the EMA updates. FLOPs: torch's
+FlopCounterMode over one whole step (recomputation included with --grad-checkpointing); MFU = FLOPs / step time /
+--peak-tflops.
 Peak memory: CUDA's max_memory_allocated per batch size, or the process's peak resident memory on the CPU.
 """
 import argparse

@@ -342,7 +342,7 @@ def test_cd_loss_weighting_and_no_grad_paths():
     eps = torch.randn(x0.shape, generator=g)
     s_lo, s_hi = sigmas[n].float()[:, None], sigmas[n + cfg.skip].float()[:, None]
     x_hi = x0 + s_hi * eps
-    x_lo = teacher_ode_step(teacher, x_hi, s_hi, s_lo, y, 5.0, "heun")
+    x_lo = teacher_ode_step(teacher, x_hi, s_hi, s_lo, y, 5.0, cfg.solver)
     dist = (consistency_forward(x_hi, s_hi, y, student) - consistency_forward(x_lo, s_lo, y, target)).square().mean(1)
     torch.testing.assert_close(uni, dist.mean())
     torch.testing.assert_close(inv, (dist / (s_hi - s_lo).squeeze(1)).mean())
