@@ -312,13 +312,14 @@ class DiT(nn.Module):
         expert_capacity: float = 1,
         experts_every_n: int = 2,
         init_std: float = 0.02,
+        zero_init: bool = True,
     ):
         super().__init__()
         self.config = {k: (list(map(float, v)) if k.endswith("multipliers") else v)
                        for k, v in locals().items() if k not in ("self", "__class__")}
         self.input_size, self.patch_size = input_size, patch_size
         self.in_channels, self.caption_channels = in_channels, caption_channels
-        self.depth, self.depth_init, self.init_std = depth, depth_init, init_std
+        self.depth, self.depth_init, self.init_std, self.zero_init = depth, depth_init, init_std, zero_init
         num_patches = (input_size // patch_size) ** 2
         block_kw = dict(head_dim=head_dim, cond_dim=dim, multiple_of=multiple_of, use_bias=use_bias, eps=norm_eps,
                         num_experts=num_experts, capacity=expert_capacity)
@@ -358,11 +359,20 @@ class DiT(nn.Module):
         `init_std` (official: 0.02, for widths ~1024) scales every normal and truncated-normal init; a narrow
         DiT trained from scratch takes 0.02 * sqrt(1024 / dim), the width scaling of muP (Yang et al. 2021,
         arXiv 2203.03466): with 0.02 at dim 96 its caption path stays on a plateau several times longer.
+        `zero_init=False` draws the officially zero-initialised layers (adaLN modulations, final layer, the prompt
+        block's output projections) like their neighbours: a random network whose every path carries signal and
+        gradient, standing in for trained weights (with the official zeros a LoRA adapter's gradient is exactly 0).
         """
         s = self.init_std
 
         def trunc(w: torch.Tensor, std: float) -> None:
             nn.init.trunc_normal_(w, std=std, a=-2, b=2)
+
+        def zero(w: torch.Tensor) -> None:
+            if self.zero_init:
+                nn.init.zeros_(w)
+            else:
+                trunc(w, s)
 
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -392,14 +402,14 @@ class DiT(nn.Module):
                 trunc(block.mlp.w1.weight, s)
                 trunc(block.mlp.w2.weight, std_out)
                 trunc(block.mlp.w3.weight, std_out)
-            nn.init.zeros_(block.adaLN_modulation[1].weight)
+            zero(block.adaLN_modulation[1].weight)
         pre = self.y_emb_preprocess
         for lin in (pre.attn.qkv, pre.attn.proj, pre.mlp.w1, pre.mlp.w2, pre.mlp.w3):
             trunc(lin.weight, s)
-        nn.init.zeros_(pre.attn.proj.weight)
-        nn.init.zeros_(pre.mlp.w3.weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[1].weight)
-        nn.init.zeros_(self.final_layer.linear.weight)
+        zero(pre.attn.proj.weight)
+        zero(pre.mlp.w3.weight)
+        zero(self.final_layer.adaLN_modulation[1].weight)
+        zero(self.final_layer.linear.weight)
 
     def set_moe_impl(self, impl: str) -> None:
         """"gather" (default, fast) or "einsum" (the official one-hot arithmetic, bit-exact on CPU)."""

@@ -349,11 +349,13 @@ MICRODIT_XL_512 = Preset(
 )
 
 # The dress rehearsal of the real model: the same architectures (DiT, SDXL VAE, DFN5B text tower and tokenizer) and
-# code paths as microdit-xl-512, every weight drawn from the seed, nothing downloaded.
+# code paths as microdit-xl-512, every weight drawn from the seed, nothing downloaded. zero_init=False: no
+# zero-initialised layer, so that every parameter gets a gradient as in a trained teacher.
 MICRODIT_XL_512_RANDOM = dataclasses.replace(
     MICRODIT_XL_512,
     name="microdit-xl-512-random",
     run_dir="runs/microdit-xl-512-random",
+    dit_kwargs={**MICRODIT_XL_512.dit_kwargs, "zero_init": False},
     text_encoder=RandomOpenCLIPText(config=MICRODIT_XL_512.text_encoder.config, width=1024),
     codec=RandomVAE(SDXL_VAE_CONFIG),
     teacher_hint="none needed: the DiT, VAE and text tower are random from --seed (or pass --teacher)",

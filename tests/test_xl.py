@@ -41,8 +41,9 @@ def official_shapes() -> dict[str, tuple]:
 
 def test_rehearsal_preset_is_the_real_one_with_random_weights():
     real = PRESETS["microdit-xl-512"]
-    for field in ("dit_arch", "dit_kwargs", "latent_shape", "image_size", "edm_config", "guidance_scale", "num_steps"):
+    for field in ("dit_arch", "latent_shape", "image_size", "edm_config", "guidance_scale", "num_steps"):
         assert getattr(PRESET, field) == getattr(real, field), field
+    assert PRESET.dit_kwargs == {**real.dit_kwargs, "zero_init": False}  # random weights with every path live
     assert PRESET.random_dit and PRESET.teacher is None
     with torch.device("meta"):
         dit = getattr(microdit, PRESET.dit_arch)(**PRESET.dit_kwargs)
