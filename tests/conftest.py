@@ -29,7 +29,7 @@ def fresh_accelerate_state(one_thread):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "xl: the real-size rehearsal on the CPU (minutes, ~9 GiB); run with -m xl")
+    config.addinivalue_line("markers", "xl: the real-size rehearsal on the CPU (~40 min, ~13 GiB); run with -m xl")
 
 
 def pytest_collection_modifyitems(config, items):

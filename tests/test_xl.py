@@ -3,7 +3,7 @@ text tower's architectures, random weights).
 
 Fast checks (default suite): the architectures on the meta device against the released layouts, the memory check
 that refuses the full student before any work. The rehearsal itself runs the scripts at full size on the CPU
-(opt-in, ~25 min on 2 cores, ~9 GiB): `python -m pytest -m xl -s` (-s prints each command's time and peak memory).
+(opt-in, ~40 min on 2 cores, ~13 GiB): `python -m pytest -m xl -s` (-s prints each command's time and peak memory).
 """
 import json
 import os
