@@ -13,7 +13,7 @@
 #
 #   bash bench_gpu.sh                                              # on the GPU machine (its OUT)
 #   QUICK=1 DEVICE=cpu bash bench_gpu.sh                           # the same commands at tiny sizes (tests/test_xl.py)
-#   QUICK=1 DEVICE=cpu PRESET=tiny-random bash bench_gpu.sh        # seconds (tests/test_bench_scripts.py)
+#   QUICK=1 DEVICE=cpu PRESET=tiny-random bash bench_gpu.sh        # seconds (tests/test_xl.py, default suite)
 #
 # diffusers and open_clip_torch (and ftfy, wcwidth, importlib_metadata) are not on the lent GPU machines:
 #   bash bench_gpu.sh --fetch-wheels        # here, where pip reaches PyPI: their wheels into .whl/ (git-ignored)

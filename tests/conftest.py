@@ -10,6 +10,17 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def released_xl_shapes() -> dict[str, tuple]:
+    """{key: shape} of the released MicroDiT_XL_2 512 px checkpoint (fixtures/microdit_xl2_512_state_dict_shapes.tsv)."""
+    expected = {}
+    with open(os.path.join(FIXTURES, "microdit_xl2_512_state_dict_shapes.tsv")) as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                key, shape = line.rstrip("\n").split("\t")
+                expected[key] = tuple(int(s) for s in shape.split("x"))
+    return expected
+
+
 @pytest.fixture
 def one_thread():
     """Tiny kernels on a shared 2-core machine: more than one thread only adds contention."""

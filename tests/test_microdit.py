@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cd_utils import EDMConfig, edm_forward
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, released_xl_shapes
 from microdit import DiT, MicroDiT_Tiny_2, MicroDiT_XL_2, CheckpointError, load_dit_weights, read_state_dict
 from sampler import edm_sample
 
@@ -65,15 +65,8 @@ def test_cfg_is_one_batched_call_with_zero_uncond():
 def test_xl_512_layout_matches_released_checkpoint():
     with torch.device("meta"):
         dit = MicroDiT_XL_2(input_size=64, pos_interp_scale=2.0)
-    expected = {}
-    with open(os.path.join(FIXTURES, "microdit_xl2_512_state_dict_shapes.tsv")) as f:
-        for line in f:
-            if line.startswith("#") or not line.strip():
-                continue
-            key, shape = line.rstrip("\n").split("\t")
-            expected[key] = tuple(int(s) for s in shape.split("x"))
     ours = {k: tuple(v.shape) for k, v in dit.state_dict().items()}
-    assert ours == expected
+    assert ours == released_xl_shapes()
     assert len(ours) == 478
     assert sum(int(np.prod(s)) for s in ours.values()) == 1_166_490_912
 

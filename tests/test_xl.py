@@ -21,22 +21,12 @@ from safetensors.torch import load_file
 
 import microdit
 import train
-from conftest import FIXTURES, ROOT
+from conftest import ROOT, released_xl_shapes
 from dataset import LatentCaptionDataset
 from pipeline import LORA_FILE, PRESETS, SDXL_VAE_CONFIG
 from utils import UserError
 
 PRESET = PRESETS["microdit-xl-512-random"]
-
-
-def official_shapes() -> dict[str, tuple]:
-    expected = {}
-    with open(os.path.join(FIXTURES, "microdit_xl2_512_state_dict_shapes.tsv")) as f:
-        for line in f:
-            if line.strip() and not line.startswith("#"):
-                key, shape = line.rstrip("\n").split("\t")
-                expected[key] = tuple(int(s) for s in shape.split("x"))
-    return expected
 
 
 def test_rehearsal_preset_is_the_real_one_with_random_weights():
@@ -47,7 +37,7 @@ def test_rehearsal_preset_is_the_real_one_with_random_weights():
     assert PRESET.random_dit and PRESET.teacher is None
     with torch.device("meta"):
         dit = getattr(microdit, PRESET.dit_arch)(**PRESET.dit_kwargs)
-    assert {k: tuple(v.shape) for k, v in dit.state_dict().items()} == official_shapes()
+    assert {k: tuple(v.shape) for k, v in dit.state_dict().items()} == released_xl_shapes()
 
 
 def test_rehearsal_vae_is_the_sdxl_architecture():
