@@ -282,6 +282,14 @@ SEED_RECIPE = dict(skip=1, solver="euler", target_decay=0.0, loss="pseudo_huber_
                    weighting="uniform", index_dist="uniform")
 
 
+def curriculum_scales(step: int, total_steps: int, num_scales: int, stages: int = 3) -> int:
+    """iCT's discretisation curriculum (Song & Dhariwal 2023, sec. 3.4): N doubles in `stages` equal parts of the
+    run up to `num_scales`, N(step) = max(2, num_scales // 2^(stages - 1 - stage)): 10, 20, 40 for N = 40. Coarse
+    early steps carry the boundary condition up the chain in fewer links; the fine ones remove their bias."""
+    stage = min(stages - 1, step * stages // max(1, total_steps))
+    return max(2, num_scales // 2 ** (stages - 1 - stage))
+
+
 def teacher_calls(cfg: CDConfig) -> int:
     """Teacher network passes per sample in one CD step (`teacher_ode_step`): 2 (Heun) or 1 (Euler) calls, x2
     for the conditional and unconditional branches of a guided teacher."""
@@ -406,3 +414,64 @@ def cd_loss(
     w_mean = w.mean() if isinstance(w, torch.Tensor) else torch.tensor(float(w))
     values = torch.stack([v.detach().double().to(device) for v in (loss, sigma_hi.mean(), gap, w_mean)])
     return loss, dict(zip(("loss", "sigma", "gap", "w"), values.tolist()))  # one device sync
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Distribution matching (DMD: Yin et al. 2024, arXiv 2311.18828; DMD2: Yin et al. 2024, arXiv 2405.14867), as a
+# refinement of the 1-step map on top of CD: the student's 1-step samples are pushed along the difference between
+# a "fake" denoiser trained on those samples and the guided teacher, which moves them towards the teacher's
+# distribution rather than towards the mean of what the teacher could draw (the softness of a 1-step CD student).
+# --------------------------------------------------------------------------------------------------------------
+
+def dmd_loss(
+    x_gen: torch.Tensor,
+    y: torch.Tensor,
+    teacher_fwd: ModelFwd,
+    fake_fwd: ModelFwd,
+    cfg: CDConfig,
+    edm_config: EDMConfig = EDM,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Distribution-matching loss of generated clean latents x_gen (B, ...) (with grad to the generator): a scalar.
+
+    ln sigma ~ N(P_mean, P_std^2) (the teacher's training noise), x_t = x_gen + sigma eps. The KL gradient is
+    s_fake - s_real = (D_real - D_fake) / sigma^2 (DMD eq. 7 through Tweedie), weighted per sample by
+    1 / mean|x_gen - D_real| (DMD eq. 8): g = (D_fake - D_real) / mean|x_gen - D_real|, D_real the teacher guided at
+    cfg.guidance, D_fake the fake denoiser (cfg 1). x_gen is regressed onto sg(x_gen - g) with the CD distance
+    (`consistency_distance`), so that this gradient and cd_loss's have the same per-sample scale.
+    """
+    B = x_gen.shape[0]
+    draw = dict(generator=generator, device=x_gen.device, dtype=x_gen.dtype)
+    sigma = (torch.randn((B,), **draw) * edm_config.P_std + edm_config.P_mean).exp()
+    x = x_gen.detach()
+    with torch.no_grad():
+        x_t = x + _as_batch_sigma(sigma, x) * torch.randn(x.shape, **draw)
+        d_real = guided_edm_forward(x_t, sigma, y, teacher_fwd, edm_config, cfg.guidance)
+        d_fake = edm_forward(x_t, sigma, y, fake_fwd, edm_config)
+        scale = (x - d_real).abs().flatten(1).mean(1).clamp_min(1e-6)
+        step = (d_fake - d_real) / _as_batch_sigma(scale, x)
+    return consistency_distance(x_gen, x - step, cfg).mean()
+
+
+def dmd_losses(
+    student_fwd: ModelFwd,
+    fake_fwd: ModelFwd,
+    teacher_fwd: ModelFwd,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    cfg: CDConfig,
+    edm_config: EDMConfig = EDM,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DMD2 step's two losses for captions y (B, ...); x0 (B, ...) gives the latents' shape only.
+
+    The student's 1-step samples x_gen = f(sigma_max eps, sigma_max) (eps from `generator`) give the generator's
+    loss (`dmd_loss`) and, detached, the fake denoiser's EDM loss on them (`edm_loss` with every caption kept: the
+    fake models the student's conditional distribution). Returns (generator loss, fake loss), scalars; their
+    gradients reach disjoint networks, so one backward of their sum trains both.
+    """
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_gen = consistency_forward(eps * edm_config.sigma_max, edm_config.sigma_max, y, student_fwd, edm_config)
+    gen_loss = dmd_loss(x_gen, y, teacher_fwd, fake_fwd, cfg, edm_config, generator)
+    fake_loss = edm_loss(fake_fwd, x_gen.detach(), y, edm_config, cap_drop_prob=0.0, generator=generator)
+    return gen_loss, fake_loss

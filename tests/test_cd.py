@@ -9,10 +9,10 @@ import torch
 
 from cd_utils import (
     EDM, SEED_RECIPE, EDMConfig, CDConfig, cd_loss, cd_sigmas, consistency_distance, consistency_forward, consistency_scalings,
-    edm_forward, edm_scalings, ema_update, get_sigmas, guided_edm_forward, sample_cd_indices, sample_guidance,
+    dmd_loss, edm_forward, edm_scalings, ema_update, get_sigmas, guided_edm_forward, sample_cd_indices, sample_guidance,
     teacher_ode_step,
 )
-from gmm import GMMTeacher, MLPDenoiser, fit_denoiser, sample_data, sliced_wasserstein
+from gmm import GaussianMixture, GMMTeacher, MLPDenoiser, fit_denoiser, sample_data, sliced_wasserstein
 from sampler import consistency_sample, consistency_sigmas, edm_sample, multistep_noise
 from utils import UserError
 
@@ -349,6 +349,37 @@ def test_cd_loss_weighting_and_no_grad_paths():
     inv.backward()
     assert student.a.grad is not None
     assert target.a.grad is None and teacher.a.grad is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dmd_loss on exact denoisers: the fake is the closed-form denoiser of the generator's own distribution
+# ---------------------------------------------------------------------------------------------------------------
+
+def shifted_teacher(shift: torch.Tensor) -> GMMTeacher:
+    """The GMM teacher with every mode moved by `shift` (2,): the exact denoiser of a shifted generator."""
+    fake = GMMTeacher()
+    fake.per_class = [GaussianMixture(m.means + shift, m.stds, m.weights) for m in fake.per_class]
+    fake.uncond = GaussianMixture(fake.uncond.means + shift, fake.uncond.stds, fake.uncond.weights)
+    return fake
+
+
+def dmd_gradient(fake: GMMTeacher, x_gen: torch.Tensor, y: torch.Tensor, guidance: float) -> torch.Tensor:
+    x_gen = x_gen.clone().requires_grad_(True)
+    cfg = CDConfig(guidance=guidance)
+    dmd_loss(x_gen, y, GMMTeacher(), fake, cfg, generator=torch.Generator().manual_seed(0)).backward()
+    return x_gen.grad
+
+
+def test_dmd_gradient_moves_samples_towards_the_teacher():
+    teacher, g = GMMTeacher(), torch.Generator().manual_seed(0)
+    x_teacher, y = sample_data(teacher, 512, g)
+    # a generator that already draws the teacher's distribution (fake = teacher, no guidance): nothing to move
+    assert dmd_gradient(teacher, x_teacher, y, guidance=1.0).abs().max() < 1e-6
+    # one shifted by delta: descending the loss moves every sample back, against delta (DMD eq. 7)
+    delta = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    grad = dmd_gradient(shifted_teacher(delta), x_teacher + delta.float(), y, guidance=1.0)
+    cos = torch.nn.functional.cosine_similarity(grad.double(), delta.expand_as(grad), dim=1)
+    assert (cos > 0).float().mean() > 0.9 and cos.mean() > 0.8, cos.mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -123,3 +123,22 @@ def test_cli_missing_checkpoint_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "nope.pt" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_forward_mode_jvp_through_attention_and_moe(one_thread):
+    """What continuous-time consistency models (sCM, Lu & Song 2024) need: d f(x, sigma) along a tangent, by
+    torch.func.jvp through the DiT (expert-choice MoE included). On the CPU the fused SDPA kernel has no forward-mode
+    derivative, so attention runs on the math backend; the JVP then equals a central difference (float64)."""
+    from torch.func import jvp
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    dit, tensors, _ = reference_model()
+    dit = dit.double()
+    x, t, y = (tensors[f"in.{k}"].double() for k in ("x", "t", "y"))
+    tangent = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    f = lambda x_: dit(x_, t, y)  # noqa: E731
+    with pytest.raises(NotImplementedError, match="forward AD"):
+        jvp(f, (x,), (tangent,))
+    with sdpa_kernel(SDPBackend.MATH):
+        _, derivative = jvp(f, (x,), (tangent,))
+        difference = (f(x + 1e-5 * tangent) - f(x - 1e-5 * tangent)) / 2e-5
+    assert ((derivative - difference).norm() / difference.norm()).item() < 1e-6
