@@ -2,6 +2,7 @@
 
     python train.py                                     # embedded default: the shapes world, ~5 min on 2 CPU cores
     python train.py --recipe seed                       # Euler teacher step, online target, pseudo-Huber c=0.001
+    python train.py --recipe one-step                   # CD + distribution matching (DMD2) of the 1-step samples
     python train.py --preset microdit-xl-512 --teacher dit_4_channel_0.5B_synthetic_data.pt --data-dir data/teacher
     accelerate launch --num_processes 8 train.py --preset microdit-xl-512 --teacher ... --data-dir data/teacher
     python train.py --resume auto                       # continue from the last checkpoint in --out-dir
@@ -48,8 +49,8 @@ from tqdm import tqdm
 
 import generate_data
 import microdit
-from cd_utils import INDEX_DISTS, LOSSES, SEED_RECIPE, SOLVERS, WEIGHTINGS, CDConfig, cd_loss, ema_decay, ema_update, \
-    teacher_calls
+from cd_utils import INDEX_DISTS, LOSSES, SEED_RECIPE, SOLVERS, WEIGHTINGS, CDConfig, cd_loss, curriculum_scales, \
+    dmd_losses, ema_decay, ema_update, teacher_calls
 from dataset import CAPTIONS_CSV, CAPTIONS_JSON, MANIFEST_JSON, check_data_dir, get_dataloader, list_shards
 from lora import LORA_TARGETS, add_adapters
 from pipeline import DTYPES, GUIDANCE_FILE, Pipeline, add_pipeline_args, build_dit, get_preset, merge_lora, \
@@ -83,7 +84,10 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
                             ckpt_every=1000, num_workers=4),
 }
 PRESET_DEFAULTS["microdit-xl-512-random"] = {**PRESET_DEFAULTS["microdit-xl-512"], "data_dir": "data/xl-random"}
-RECIPES = {"default": {}, "seed": SEED_RECIPE}  # overrides of CDConfig's defaults
+RECIPES = {"default": {}, "seed": SEED_RECIPE, "one-step": {}}  # overrides of CDConfig's defaults
+# The training flags a recipe sets where the command line does not (BENCHMARKS.md, "One step as good as four").
+RECIPE_FLAGS = {"default": {}, "seed": {}, "one-step": dict(dmd_weight=0.25, lr_schedule="cosine")}
+FLAG_DEFAULTS = dict(dmd_weight=0.0, lr_schedule="constant")  # where neither the command line nor the recipe sets them
 CKPT_DIR = "checkpoints"
 
 
@@ -116,8 +120,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=int, help=f"samples per process per micro-step; {per_preset('batch_size')}")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default %(default)s)")
     g.add_argument("--lr", type=float, help=f"AdamW learning rate after warm-up; {per_preset('lr')}")
-    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
-                   help="after the linear warm-up: constant, or cosine decay to 0 at --steps")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"),
+                   help="after the linear warm-up: constant (default), or cosine decay to 0 at --steps")
     g.add_argument("--warmup", type=int, help=f"linear learning-rate warm-up steps; {per_preset('warmup')}")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default %(default)s)")
     g.add_argument("--grad-clip", type=float, default=1.0,
@@ -129,7 +133,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g = parser.add_argument_group("consistency distillation (CDConfig; unset flags keep the --recipe's value)")
     g.add_argument("--recipe", choices=list(RECIPES), default="default",
                    help="default: CDConfig() as cd_utils defines it; seed: cd_utils.SEED_RECIPE (one Euler teacher "
-                        "step between adjacent Karras points, online target, pseudo-Huber c = 0.001)")
+                        "step between adjacent Karras points, online target, pseudo-Huber c = 0.001); one-step: the "
+                        f"default's CD with the training flags {RECIPE_FLAGS['one-step']} (DMD of the 1-step map)")
     g.add_argument("--num-scales", type=int, help="N: Karras points between sigma_min and sigma_max (the CD "
                    f"discretisation) {recipe_values('num_scales')}")
     g.add_argument("--skip", type=int, help=f"k >= 1: one teacher step spans k intervals (LCM's skipping step) "
@@ -150,11 +155,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                                 f"{recipe_values('p_mean')}")
     g.add_argument("--p-std", type=float, help="lognormal index distribution: std of ln sigma "
                                                f"{recipe_values('p_std')}")
+    g.add_argument("--curriculum", action="store_true", help="iCT's curriculum: N doubles in three equal parts "
+                   "of the run up to --num-scales (10, 20, 40; cd_utils.curriculum_scales)")
     g.add_argument("--w", dest="guidance", type=float, help="the teacher's classifier-free guidance scale w (also the "
                    f"validation w) {recipe_values('guidance')}")
     g.add_argument("--w-min", type=float, help="with --w-max: w ~ U[w-min, w-max] per sample and a w-conditioned "
                    f"student (a zero-initialised guidance embedder, saved as {GUIDANCE_FILE})")
     g.add_argument("--w-max", type=float, help="see --w-min")
+    g = parser.add_argument_group("distribution matching (DMD2, cd_utils.dmd_losses): a refinement of the 1-step map")
+    g.add_argument("--dmd-weight", type=float, help="lambda > 0: add lambda x the DMD loss of the student's 1-step "
+                   "samples to the CD loss, with a fake denoiser (a trained copy of the teacher) learning those "
+                   "samples; 0: CD only [default recipe: 0; one-step recipe: "
+                   f"{RECIPE_FLAGS['one-step']['dmd_weight']}]")
+    g.add_argument("--dmd-start", type=int, default=0, help="the optimizer step from which the DMD loss is on "
+                   "(default %(default)s)")
+    g.add_argument("--fake-lr", type=float, help="the fake denoiser's AdamW learning rate (default: --lr)")
     g = parser.add_argument_group("LoRA student (lora.py: adapters on the attention, cross-attention and dense-FFN "
                                   "projections of every DiT block; the MoE experts stay the teacher's)")
     g.add_argument("--lora-rank", type=int, default=0, help="R > 0: train LoRA adapters of rank R on the teacher's "
@@ -188,6 +203,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--cpu", action="store_true", help="train on the CPU even if CUDA is available")
     args = parser.parse_args(argv)
 
+    for key, value in {**FLAG_DEFAULTS, **RECIPE_FLAGS[args.recipe]}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     preset = get_preset(args.preset)
     if preset.name not in PRESET_DEFAULTS:
         raise UserError(f"train.py has no defaults for preset {preset.name}; add it to PRESET_DEFAULTS")
@@ -202,7 +220,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     problems += [f"{flag} must be {rule}" for flag, ok, rule in (
         ("--lr", args.lr > 0, "> 0"), ("--ema", 0 <= args.ema < 1, "in [0, 1)"), ("--warmup", args.warmup >= 0, ">= 0"),
         ("--num-workers", args.num_workers >= 0, ">= 0"), ("--lora-rank", args.lora_rank >= 0, ">= 0"),
-        ("--lora-alpha", args.lora_alpha is None or args.lora_alpha > 0, "> 0")) if not ok]
+        ("--lora-alpha", args.lora_alpha is None or args.lora_alpha > 0, "> 0"),
+        ("--dmd-weight", args.dmd_weight >= 0, ">= 0"), ("--dmd-start", args.dmd_start >= 0, ">= 0"),
+        ("--fake-lr", args.fake_lr is None or args.fake_lr > 0, "> 0")) if not ok]
+    if args.dmd_weight:
+        args.fake_lr = args.fake_lr or args.lr
+        problems += [f"--dmd-weight does not go with {flag} yet" for flag, given in (
+            ("--lora-rank (the fake denoiser would be a second trainable adapter)", args.lora_rank > 0),
+            ("--w-min/--w-max", args.w_min is not None), ("--compile", args.compile)) if given]
     if args.lora_rank:
         args.lora_alpha = args.lora_alpha or float(args.lora_rank)
         problems += [f"--lora-rank does not go with {flag} yet" for flag, given in (
@@ -283,30 +308,37 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 
 def make_networks(args: argparse.Namespace, cd: CDConfig, pipe: Pipeline, device: torch.device) -> tuple:
-    """({"student", "target", "ema"}: the student initialised from the teacher, its EMA target (None for
-    target_decay 0) and slow EMA (None for --ema 0)), the AdamW optimizer and its schedule.
+    """({"student", "target", "ema", "fake"}: the student initialised from the teacher, its EMA target (None for
+    target_decay 0), slow EMA (None for --ema 0) and DMD fake denoiser (None for --dmd-weight 0)), the AdamW
+    optimizer (the student's parameters, then the fake's in a second group at --fake-lr) and its schedule.
 
-    Full student: a float32 copy of the teacher on `device`; the target and slow EMA are copies of it. LoRA student
-    (--lora-rank): `lora.Adapter`s on the teacher's DiT, and pipe.dit becomes the adapter-free one (the teacher)."""
+    Full student: a float32 copy of the teacher on `device`; the target, slow EMA and fake are copies of it. LoRA
+    student (--lora-rank): `lora.Adapter`s on the teacher's DiT, and pipe.dit becomes the adapter-free one (the
+    teacher)."""
     seed_everything(args.seed)  # a new guidance embedder or the LoRA A factors are drawn from it
     if args.lora_rank:
         names = ["student"] + [n for n, on in (("target", cd.target_decay > 0), ("ema", args.ema > 0)) if on]
         base = pipe.dit
         adapters = add_adapters(base, names, args.lora_rank, args.lora_alpha)
         pipe.dit = adapters[None]  # the pipeline (validation, teacher passes) keeps sampling the teacher
-        nets = {k: adapters.get(k) for k in ("student", "target", "ema")}
+        nets = {k: adapters.get(k) for k in ("student", "target", "ema")} | {"fake": None}
     else:
         base = build_dit(pipe.preset, args.teacher)
         if cd.guidance_range is not None:
             base.add_guidance_embedder()
         base.to(device).train()
         nets = dict(student=base, target=frozen_copy(base) if cd.target_decay > 0 else None,
-                    ema=frozen_copy(base) if args.ema > 0 else None)
+                    ema=frozen_copy(base) if args.ema > 0 else None,
+                    fake=copy.deepcopy(base).requires_grad_(True) if args.dmd_weight > 0 else None)
     student = nets["student"]
     if args.grad_checkpointing:
-        enable_grad_checkpointing(base)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+        for net in (base, nets["fake"]):
+            if net is not None:
+                enable_grad_checkpointing(net)
+    groups = [{"params": list(student.parameters())}]
+    if nets["fake"] is not None:
+        groups.append({"params": list(nets["fake"].parameters()), "lr": args.fake_lr})
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, args.warmup, args.steps, args.lr_schedule))
     return nets, optimizer, scheduler
@@ -338,15 +370,17 @@ def check_memory(args: argparse.Namespace, cd: CDConfig, device: torch.device) -
     trained = sum(p.numel() for p in add_adapters(dit, ["student"], args.lora_rank, args.lora_alpha)["student"]
                   .parameters()) if args.lora_rank else base
     averages = (cd.target_decay > 0) + (args.ema > 0)
-    need = state_bytes(base, trained, DTYPES[args.dtype], averages) / 2**30
+    fake = state_bytes(0, base, DTYPES[args.dtype], 0) if args.dmd_weight > 0 else 0  # a trained fp32 copy
+    need = (state_bytes(base, trained, DTYPES[args.dtype], averages) + fake) / 2**30
+    fake_note = " and a DMD fake denoiser" if fake else ""
     have = available_memory_gib(device)
     if need > have:
         kind = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full"
         hint = "a smaller --lora-rank" if args.lora_rank else "a LoRA student (--lora-rank 32 --grad-checkpointing)"
         raise UserError(f"the {kind} student of {preset.name} needs {need:.1f} GiB for its networks and optimizer "
                         f"state alone ({base / 1e6:.0f}M teacher parameters in {args.dtype}, {trained / 1e6:.1f}M "
-                        f"trained with AdamW and {averages} weight average(s)) and {device} has {have:.1f} GiB free: "
-                        f"train {hint}, or on a device with more memory")
+                        f"trained with AdamW and {averages} weight average(s){fake_note}) and {device} has "
+                        f"{have:.1f} GiB free: train {hint}, or on a device with more memory")
 
 
 def loss_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
@@ -467,18 +501,27 @@ def validate(accelerator: Accelerator, validator: Optional[Validator], step: int
 
 
 def accumulate_gradients(accelerator: Accelerator, model: torch.nn.Module, target_fwd, teacher_fwd, batches,
-                         pipe: Pipeline, cd: CDConfig, gen: torch.Generator, grad_accum: int,
-                         autocast) -> dict[str, float]:
-    """Backpropagate `cd_loss` over `grad_accum` batches (the gradient all-reduced once, on the last); returns the
-    mean of its stats (loss, sigma, gap, w) over them."""
-    stats = dict.fromkeys(("loss", "sigma", "gap", "w"), 0.0)
+                         pipe: Pipeline, cd: CDConfig, gen: torch.Generator, grad_accum: int, autocast,
+                         fake: Optional[torch.nn.Module] = None, dmd_weight: float = 0.0) -> dict[str, float]:
+    """Backpropagate `cd_loss` over `grad_accum` batches (the gradient all-reduced once, on the last); with a
+    `fake` denoiser also dmd_weight x the DMD loss and the fake's loss (`dmd_losses`, a second backward per batch).
+    Returns the mean of the stats (loss, sigma, gap, w; dmd, fake: 0 without DMD) over the batches."""
+    stats = dict.fromkeys(("loss", "sigma", "gap", "w", "dmd", "fake"), 0.0)
     for micro in range(grad_accum):
         x0, y = model_inputs(next(batches), pipe, pipe.device)
-        with accelerator.no_sync(model) if micro < grad_accum - 1 else nullcontext():
+        sync = micro == grad_accum - 1  # the first backward outside no_sync all-reduces all that accumulated
+        with accelerator.no_sync(model) if not sync or fake is not None else nullcontext():
             with autocast:
                 loss, micro_stats = cd_loss(model, target_fwd, teacher_fwd, x0, y, cd, pipe.edm_config, gen)
             accelerator.backward(loss / grad_accum)
-        micro_stats["loss"] = loss.item()  # the loss that was backpropagated
+        micro_stats.update(loss=loss.item(), dmd=0.0, fake=0.0)  # the loss that was backpropagated
+        if fake is not None:
+            with accelerator.no_sync(model) if not sync else nullcontext(), \
+                    accelerator.no_sync(fake) if not sync else nullcontext():
+                with autocast:
+                    dmd, fake_loss = dmd_losses(model, fake, teacher_fwd, x0, y, cd, pipe.edm_config, gen)
+                accelerator.backward((dmd_weight * dmd + fake_loss) / grad_accum)
+            micro_stats.update(dmd=dmd.item(), fake=fake_loss.item())
         stats = {k: stats[k] + micro_stats[k] / grad_accum for k in stats}
     return stats
 
@@ -507,6 +550,9 @@ def print_plan(args: argparse.Namespace, cd: CDConfig, student: torch.nn.Module,
     print(f"cost per sample and step, in network passes: teacher {t_calls} ({cd.solver}: "
           f"{2 if cd.solver == 'heun' else 1} call(s){' x cond+uncond' if t_calls % 2 == 0 else ''}) + target 1 "
           f"+ student forward+backward ~3 = ~{t_calls + 4} forward passes")
+    if args.dmd_weight:  # dmd_losses: the 1-step sample, the guided teacher, the fake and the fake's training
+        print(f"DMD from step {args.dmd_start} at weight {args.dmd_weight:g}, fake lr {args.fake_lr}: + student 1-step "
+              f"forward+backward ~3 + teacher 2 + fake 1 + fake forward+backward ~3 = ~{t_calls + 13} passes")
 
 
 def print_result(args: argparse.Namespace, result: dict) -> None:
@@ -550,6 +596,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     gen = loss_generator(args.seed, rank, device)
     step, rng_blobs = load_checkpoint(resume_from, world, nets, optimizer, scheduler) if resume_from else (0, None)
     model = accelerator.prepare_model(student)  # DistributedDataParallel over several processes
+    fake = accelerator.prepare_model(nets["fake"]) if nets["fake"] is not None else None
     teacher_fwd, target_fwd = pipe.dit, nets["target"] if nets["target"] is not None else student
     if args.compile:
         model, teacher_fwd, target_fwd = torch.compile(model), torch.compile(teacher_fwd), torch.compile(target_fwd)
@@ -578,10 +625,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         with StopRequest() as stop:
             while step < args.steps:
                 t0 = time.time()
-                stats = accumulate_gradients(accelerator, model, target_fwd, teacher_fwd, batches, pipe, cd, gen,
-                                             args.grad_accum, autocast)
+                dmd_on = fake is not None and step >= args.dmd_start
+                cd_now = dataclasses.replace(cd, num_scales=curriculum_scales(step, args.steps, cd.num_scales)) \
+                    if args.curriculum else cd
+                stats = accumulate_gradients(accelerator, model, target_fwd, teacher_fwd, batches, pipe, cd_now, gen,
+                                             args.grad_accum, autocast, fake if dmd_on else None, args.dmd_weight)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     student.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf")).item()
+                if dmd_on and args.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(nets["fake"].parameters(), args.grad_clip)
                 # one all-reduce: the mean loss over ranks and whether any rank was asked to stop
                 reduced = accelerator.reduce(torch.tensor([stats["loss"], float(stop.requested)], device=device))
                 loss, stop_now = reduced[0].item() / world, reduced[1].item() > 0
@@ -603,7 +655,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 if main_process:
                     log_step(log_path, writer, bar, dict(
                         step=step, loss=loss, lr=lr, grad_norm=grad_norm, samples_per_s=effective / step_times[-1],
-                        peak_mem_gb=peak_memory_gb(device), **{k: stats[k] for k in ("sigma", "gap", "w")},
+                        peak_mem_gb=peak_memory_gb(device),
+                        **{k: stats[k] for k in ("sigma", "gap", "w", "dmd", "fake")},
                         time=time.time()))
                 if args.val_every > 0 and step % args.val_every == 0:
                     val_metrics = validate(accelerator, validator, step, exported, args.out_dir, writer)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cd_utils import (
-    EDM, SEED_RECIPE, EDMConfig, CDConfig, cd_loss, cd_sigmas, consistency_distance, consistency_forward, consistency_scalings,
-    dmd_loss, edm_forward, edm_scalings, ema_update, get_sigmas, guided_edm_forward, sample_cd_indices, sample_guidance,
-    teacher_ode_step,
+    EDM, SEED_RECIPE, EDMConfig, CDConfig, cd_loss, cd_sigmas, consistency_distance, consistency_forward,
+    consistency_scalings, curriculum_scales, dmd_loss, edm_forward, edm_scalings, ema_update, get_sigmas,
+    guided_edm_forward, sample_cd_indices, sample_guidance, teacher_ode_step,
 )
 from gmm import GaussianMixture, GMMTeacher, MLPDenoiser, fit_denoiser, sample_data, sliced_wasserstein
 from sampler import consistency_sample, consistency_sigmas, edm_sample, multistep_noise
@@ -236,6 +236,11 @@ def test_cd_sigmas_and_indices():
     freq = torch.bincount(n, minlength=39).double() / n.numel()
     assert (freq - p).abs().max() < 0.01
     assert (p - 1 / 39).abs().max() > 0.02
+
+
+def test_curriculum_scales_double_up_to_num_scales():
+    assert [curriculum_scales(s, 300, 40) for s in (0, 99, 100, 199, 200, 299, 300)] == [10, 10, 20, 20, 40, 40, 40]
+    assert curriculum_scales(0, 300, 3) == 2  # never below one interval
 
 
 def test_sample_guidance():

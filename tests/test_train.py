@@ -90,11 +90,13 @@ def test_a_few_steps_lower_the_loss(data_dir, tmp_path):
     assert not os.path.exists(tmp_path / GUIDANCE_FILE)
 
 
-def test_resume_after_ctrl_c_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dmd", [[], ["--dmd-weight", 0.5, "--dmd-start", 2, "--fake-lr", 2e-3]],
+                         ids=["cd", "cd+dmd"])
+def test_resume_after_ctrl_c_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch, dmd):
     """6 steps straight == Ctrl-C during step 3 (finishes it, checkpoints, stops) + --resume auto: every tensor of
-    the final checkpoint (student, EMA target, slow EMA, optimizer, loss generator) is identical."""
+    the final checkpoint (student, EMA target, slow EMA, DMD fake, optimizer, loss generator) is identical."""
     common = ["--steps", 6, "--batch-size", 2, "--grad-accum", 2, "--ema", 0.9, "--target-decay", 0.5,
-              "--ckpt-every", 4, "--lr", 1e-3]
+              "--ckpt-every", 4, "--lr", 1e-3, *dmd]
     run(data_dir, tmp_path / "straight", *common)
 
     calls = []
@@ -120,6 +122,7 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(data_dir, tmp_path, monkey
     ta, tb = tensors(a), tensors(b)
     assert ta.keys() == tb.keys()
     assert any(k.startswith("/target/") for k in ta) and any(k.startswith("/ema/") for k in ta)
+    assert any(k.startswith("/fake/") for k in ta) == bool(dmd)
     differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
     assert not differ, differ[:5]
     rng = read_rng_state(a["rng"][0])
@@ -217,9 +220,18 @@ def test_cli_flags_cover_cd_config():
         train.cd_config_from_args(train.parse_args(["--w-min", "2"]))
     with pytest.raises(UserError, match="--steps must be >= 1"):
         train.parse_args(["--steps", "0"])
+    # a recipe's training flags fill what the command line leaves unset
+    one_step = train.parse_args(["--recipe", "one-step"])
+    assert {k: getattr(one_step, k) for k in train.RECIPE_FLAGS["one-step"]} == train.RECIPE_FLAGS["one-step"]
+    assert train.cd_config_from_args(one_step) == CDConfig() and one_step.fake_lr == one_step.lr
+    assert train.parse_args(["--recipe", "one-step", "--dmd-weight", "0"]).dmd_weight == 0
+    assert train.parse_args([]).dmd_weight == 0 and train.parse_args([]).lr_schedule == "constant"
+    with pytest.raises(UserError, match="--dmd-weight does not go with --lora-rank"):
+        train.parse_args(["--recipe", "one-step", "--lora-rank", "8"])
 
 
-@pytest.mark.parametrize("student", [[], ["--lora-rank", "4"]], ids=["full", "lora"])
+@pytest.mark.parametrize("student", [[], ["--lora-rank", "4"], ["--dmd-weight", "0.5", "--grad-accum", "2"]],
+                         ids=["full", "lora", "dmd"])
 def test_two_processes_under_accelerate(data_dir, tmp_path, student):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # `--multi_gpu` starts torchrun workers; on a machine without CUDA train.py joins them over gloo on the CPU.
@@ -229,7 +241,7 @@ def test_two_processes_under_accelerate(data_dir, tmp_path, student):
            "--batch-size", "2", "--val-every", "0", "--val-samples", "1", "--cpu", *student]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "= 4 samples/step" in result.stdout  # batch 2 x 2 processes
+    assert "samples/step" in result.stdout and "x 2 = " in result.stdout  # batch 2 x grad-accum x 2 processes
     assert json.loads((tmp_path / "config.json").read_text())["world_size"] == 2
     assert len(load_checkpoint(tmp_path, 2)["rng"]) == 2  # both ranks' generator states
     load_dit_weights(build_dit(get_preset("tiny-random")), str(tmp_path / STUDENT_FILE))
