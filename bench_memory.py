@@ -5,10 +5,14 @@ and dtypes only, torch's FakeTensorMode), so the 1.16B-parameter MicroDiT_XL_2 i
     python bench_memory.py                                  # MicroDiT_XL_2 at 512 px, bf16: BENCHMARKS.md
     python bench_memory.py --preset tiny --lora-rank 0 8 --batch-size 32 64
     python bench_memory.py --dtype fp32 --precision fp32 --lora-rank 32 --batch-size 1 2   # train.py on the CPU
+    python bench_memory.py --dmd                            # + the full student of the one-step recipe (DMD)
 
 Counted, by default in the dtypes of a GPU run (teacher --dtype bf16, --precision bf16 autocast):
 - weights and state: the teacher; a full student's fp32 weights, gradients, AdamW moments, EMA target and slow
   EMA; a LoRA student's base is the teacher itself, and the rest is adapters (three copies, one trained).
+- with --dmd (train.py --dmd-weight, full students only): the fake denoiser's fp32 weights, gradients and AdamW
+  moments, and twice the activations per sample: DMD's backward keeps the student's 1-step forward and the fake's
+  training forward at once (CD's own backward comes first and has freed its activations).
 - activations: the tensors autograd keeps for the student's backward after one forward (saved_tensors_hooks, each
   storage once, parameters excluded), at batch 1 and 2, split into a part per sample and a fixed part (the
   autocast bf16 copies of fp32 weights). Attention is counted as the fused kernels keep it (q, k, v, output,
@@ -98,8 +102,9 @@ def saved_bytes(net, dit, preset_name: str, batch: int, precision: str = "bf16")
 
 
 def memory_row(preset_name: str, lora_rank: int, teacher_dtype: torch.dtype, checkpointing: bool,
-               precision: str = "bf16") -> dict:
-    """GiB of the persistent state, the fixed activations and the activations per sample of one configuration."""
+               precision: str = "bf16", dmd: bool = False) -> dict:
+    """GiB of the persistent state, the fixed activations and the activations per sample of one configuration
+    (`dmd`: with the fake denoiser of train.py --dmd-weight, see the module docstring)."""
     net, dit, trained, base = meta_student(preset_name, lora_rank, teacher_dtype)
     with FakeTensorMode(allow_non_fake_inputs=True):
         dit.to_empty(device="cpu")  # fake tensors in place of the meta ones (the same Parameter objects)
@@ -109,9 +114,11 @@ def memory_row(preset_name: str, lora_rank: int, teacher_dtype: torch.dtype, che
             counts.append(outside + (sum(inputs) + max(inside) if checkpointing else sum(inside)))
     per_sample = counts[1] - counts[0]
     weights = state_bytes(base, trained, teacher_dtype, averages=2)  # with the EMA target and the slow EMA
-    return dict(student=f"LoRA rank {lora_rank}" if lora_rank else "full", checkpointing=checkpointing,
-                trained=trained, weights_gib=weights / GIB, fixed_gib=(counts[0] - per_sample) / GIB,
-                per_sample_gib=per_sample / GIB)
+    if dmd:
+        weights += state_bytes(0, base, teacher_dtype, averages=0)  # the fake: an fp32 copy trained with AdamW
+    kind = (f"LoRA rank {lora_rank}" if lora_rank else "full") + (" + DMD" if dmd else "")
+    return dict(student=kind, checkpointing=checkpointing, trained=trained, weights_gib=weights / GIB,
+                fixed_gib=(counts[0] - per_sample) / GIB, per_sample_gib=per_sample * (2 if dmd else 1) / GIB)
 
 
 def total_gib(row: dict, batch: int) -> float:
@@ -127,10 +134,13 @@ def main() -> None:
                         help="train.py's --precision: bf16 autocast (GPU) or float32 throughout (its CPU default)")
     parser.add_argument("--lora-rank", type=int, nargs="+", default=[0, 8, 32], help="0: the full student")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--dmd", action="store_true", help="also count the full student with the DMD fake denoiser")
     args = parser.parse_args()
 
     rows = [memory_row(args.preset, rank, DTYPES[args.dtype], ckpt, args.precision) for rank in args.lora_rank
             for ckpt in (False, True)]
+    rows += [memory_row(args.preset, 0, DTYPES[args.dtype], ckpt, args.precision, dmd=True)
+             for ckpt in (False, True)] if args.dmd else []
     print(f"{args.preset}, teacher {args.dtype}, precision {args.precision}: GiB counted by bench_memory.py")
     print("| student | grad ckpt | trained params | weights + state | fixed act. | act. / sample | "
           + " | ".join(f"total, batch {b}" for b in args.batch_size) + " |")
