@@ -210,3 +210,17 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats: 
         fn()
     sync()
     return (time.perf_counter() - start) / repeats
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system between the stages of one long process (the notebook): Python's
+    garbage, CUDA's cached blocks and, on glibc, the freed heap it would otherwise keep resident (malloc_trim)."""
+    import ctypes
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
