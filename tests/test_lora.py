@@ -194,3 +194,7 @@ def test_bench_memory_counts_on_fake_tensors_what_real_ones_save(teacher_file):
                              for rank, ckpt in ((0, False), (4, False), (4, True)))
     assert lora["weights_gib"] < full["weights_gib"] / 5 and lora["trained"] < full["trained"] / 10
     assert lora_ckpt["per_sample_gib"] < lora["per_sample_gib"] < full["per_sample_gib"]
+    # train.py --dmd-weight: the fake denoiser's fp32 weights, gradients and AdamW moments, twice the activations
+    dmd = bench_memory.memory_row(PRESET.name, 0, torch.bfloat16, False, dmd=True)
+    assert dmd["weights_gib"] - full["weights_gib"] == pytest.approx(16 * full["trained"] / 2**30)
+    assert dmd["per_sample_gib"] == pytest.approx(2 * full["per_sample_gib"]) and dmd["student"] == "full + DMD"
