@@ -11,8 +11,8 @@ Counted, by default in the dtypes of a GPU run (teacher --dtype bf16, --precisio
 - weights and state: the teacher; a full student's fp32 weights, gradients, AdamW moments, EMA target and slow
   EMA; a LoRA student's base is the teacher itself, and the rest is adapters (three copies, one trained).
 - with --dmd (train.py --dmd-weight, full students only): the fake denoiser's fp32 weights, gradients and AdamW
-  moments, and twice the activations per sample: DMD's backward keeps the student's 1-step forward and the fake's
-  training forward at once (CD's own backward comes first and has freed its activations).
+  moments, and twice the activations (fixed and per sample): DMD's backward keeps the student's 1-step forward and
+  the fake's training forward at once (CD's own backward comes first and has freed its activations).
 - activations: the tensors autograd keeps for the student's backward after one forward (saved_tensors_hooks, each
   storage once, parameters excluded), at batch 1 and 2, split into a part per sample and a fixed part (the
   autocast bf16 copies of fp32 weights). Attention is counted as the fused kernels keep it (q, k, v, output,
@@ -117,8 +117,9 @@ def memory_row(preset_name: str, lora_rank: int, teacher_dtype: torch.dtype, che
     if dmd:
         weights += state_bytes(0, base, teacher_dtype, averages=0)  # the fake: an fp32 copy trained with AdamW
     kind = (f"LoRA rank {lora_rank}" if lora_rank else "full") + (" + DMD" if dmd else "")
+    copies = 2 if dmd else 1  # DMD's backward keeps two forwards of full-size networks (module docstring)
     return dict(student=kind, checkpointing=checkpointing, trained=trained, weights_gib=weights / GIB,
-                fixed_gib=(counts[0] - per_sample) / GIB, per_sample_gib=per_sample * (2 if dmd else 1) / GIB)
+                fixed_gib=copies * (counts[0] - per_sample) / GIB, per_sample_gib=copies * per_sample / GIB)
 
 
 def total_gib(row: dict, batch: int) -> float:

@@ -198,3 +198,4 @@ def test_bench_memory_counts_on_fake_tensors_what_real_ones_save(teacher_file):
     dmd = bench_memory.memory_row(PRESET.name, 0, torch.bfloat16, False, dmd=True)
     assert dmd["weights_gib"] - full["weights_gib"] == pytest.approx(16 * full["trained"] / 2**30)
     assert dmd["per_sample_gib"] == pytest.approx(2 * full["per_sample_gib"]) and dmd["student"] == "full + DMD"
+    assert dmd["fixed_gib"] == pytest.approx(2 * full["fixed_gib"])
