@@ -376,7 +376,8 @@ def check_memory(args: argparse.Namespace, cd: CDConfig, device: torch.device) -
     have = available_memory_gib(device)
     if need > have:
         kind = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full"
-        hint = "a smaller --lora-rank" if args.lora_rank else "a LoRA student (--lora-rank 32 --grad-checkpointing)"
+        hint = "a smaller --lora-rank" if args.lora_rank else "without DMD (--dmd-weight 0)" if fake else \
+            "a LoRA student (--lora-rank 32 --grad-checkpointing)"
         raise UserError(f"the {kind} student of {preset.name} needs {need:.1f} GiB for its networks and optimizer "
                         f"state alone ({base / 1e6:.0f}M teacher parameters in {args.dtype}, {trained / 1e6:.1f}M "
                         f"trained with AdamW and {averages} weight average(s){fake_note}) and {device} has "

@@ -76,6 +76,9 @@ def test_full_xl_student_is_refused_before_any_work(monkeypatch, tmp_path):
     assert time.time() - start < 30 and not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
     lora = train.parse_args(["--preset", PRESET.name, "--lora-rank", "32"])
     train.check_memory(lora, train.cd_config_from_args(lora), torch.device("cpu"))  # 4.7 GiB: fits
+    one_step = train.parse_args(["--preset", PRESET.name, "--recipe", "one-step"])  # + the DMD fake's 17.4 GiB
+    with pytest.raises(UserError, match=r"needs 47\.\d GiB .* and a DMD fake denoiser\) .* without DMD"):
+        train.check_memory(one_step, train.cd_config_from_args(one_step), torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
