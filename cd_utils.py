@@ -435,8 +435,8 @@ def dmd_loss(
     """Distribution-matching loss of generated clean latents x_gen (B, ...) (with grad to the generator): a scalar.
 
     ln sigma ~ N(P_mean, P_std^2) (the teacher's training noise), x_t = x_gen + sigma eps. The KL gradient is
-    s_fake - s_real = (D_real - D_fake) / sigma^2 (DMD eq. 7 through Tweedie), weighted per sample by
-    1 / mean|x_gen - D_real| (DMD eq. 8): g = (D_fake - D_real) / mean|x_gen - D_real|, D_real the teacher guided at
+    s_fake - s_real = (D_fake - D_real) / sigma^2 (DMD eq. 7 through Tweedie), weighted per sample by
+    sigma^2 / mean|x_gen - D_real| (DMD eq. 8): g = (D_fake - D_real) / mean|x_gen - D_real|, D_real the teacher guided at
     cfg.guidance, D_fake the fake denoiser (cfg 1). x_gen is regressed onto sg(x_gen - g) with the CD distance
     (`consistency_distance`), so that this gradient and cd_loss's have the same per-sample scale.
     """
