@@ -170,6 +170,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--dmd-start", type=int, default=0, help="the optimizer step from which the DMD loss is on "
                    "(default %(default)s)")
     g.add_argument("--fake-lr", type=float, help="the fake denoiser's AdamW learning rate (default: --lr)")
+    g.add_argument("--dmd-guidance", type=float, help="the guidance of DMD's teacher (default: --w, the CD teacher's)")
     g = parser.add_argument_group("LoRA student (lora.py: adapters on the attention, cross-attention and dense-FFN "
                                   "projections of every DiT block; the MoE experts stay the teacher's)")
     g.add_argument("--lora-rank", type=int, default=0, help="R > 0: train LoRA adapters of rank R on the teacher's "
@@ -503,11 +504,14 @@ def validate(accelerator: Accelerator, validator: Optional[Validator], step: int
 
 def accumulate_gradients(accelerator: Accelerator, model: torch.nn.Module, target_fwd, teacher_fwd, batches,
                          pipe: Pipeline, cd: CDConfig, gen: torch.Generator, grad_accum: int, autocast,
-                         fake: Optional[torch.nn.Module] = None, dmd_weight: float = 0.0) -> dict[str, float]:
+                         fake: Optional[torch.nn.Module] = None, dmd_weight: float = 0.0,
+                         dmd_guidance: Optional[float] = None) -> dict[str, float]:
     """Backpropagate `cd_loss` over `grad_accum` batches (the gradient all-reduced once, on the last); with a
-    `fake` denoiser also dmd_weight x the DMD loss and the fake's loss (`dmd_losses`, a second backward per batch).
+    `fake` denoiser also dmd_weight x the DMD loss and the fake's loss (`dmd_losses`, a second backward per batch;
+    its teacher guided at dmd_guidance, by default the CD teacher's).
     Returns the mean of the stats (loss, sigma, gap, w; dmd, fake: 0 without DMD) over the batches."""
     stats = dict.fromkeys(("loss", "sigma", "gap", "w", "dmd", "fake"), 0.0)
+    dmd_cd = cd if dmd_guidance is None else dataclasses.replace(cd, guidance=dmd_guidance)
     for micro in range(grad_accum):
         x0, y = model_inputs(next(batches), pipe, pipe.device)
         sync = micro == grad_accum - 1  # the first backward outside no_sync all-reduces all that accumulated
@@ -520,7 +524,7 @@ def accumulate_gradients(accelerator: Accelerator, model: torch.nn.Module, targe
             with accelerator.no_sync(model) if not sync else nullcontext(), \
                     accelerator.no_sync(fake) if not sync else nullcontext():
                 with autocast:
-                    dmd, fake_loss = dmd_losses(model, fake, teacher_fwd, x0, y, cd, pipe.edm_config, gen)
+                    dmd, fake_loss = dmd_losses(model, fake, teacher_fwd, x0, y, dmd_cd, pipe.edm_config, gen)
                 accelerator.backward((dmd_weight * dmd + fake_loss) / grad_accum)
             micro_stats.update(dmd=dmd.item(), fake=fake_loss.item())
         stats = {k: stats[k] + micro_stats[k] / grad_accum for k in stats}
@@ -552,8 +556,9 @@ def print_plan(args: argparse.Namespace, cd: CDConfig, student: torch.nn.Module,
           f"{2 if cd.solver == 'heun' else 1} call(s){' x cond+uncond' if t_calls % 2 == 0 else ''}) + target 1 "
           f"+ student forward+backward ~3 = ~{t_calls + 4} forward passes")
     if args.dmd_weight:  # dmd_losses: the 1-step sample, the guided teacher, the fake and the fake's training
-        print(f"DMD from step {args.dmd_start} at weight {args.dmd_weight:g}, fake lr {args.fake_lr}: + student 1-step "
-              f"forward+backward ~3 + teacher 2 + fake 1 + fake forward+backward ~3 = ~{t_calls + 13} passes")
+        guidance = cd.guidance if args.dmd_guidance is None else args.dmd_guidance
+        print(f"DMD from step {args.dmd_start} at weight {args.dmd_weight:g}, teacher guidance {guidance}, fake lr "
+              f"{args.fake_lr}: + student 1-step forward+backward ~3 + teacher 2 + fake 1 + fake forward+backward ~3 = ~{t_calls + 13} passes")
 
 
 def print_result(args: argparse.Namespace, result: dict) -> None:
@@ -630,7 +635,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 cd_now = dataclasses.replace(cd, num_scales=curriculum_scales(step, args.steps, cd.num_scales)) \
                     if args.curriculum else cd
                 stats = accumulate_gradients(accelerator, model, target_fwd, teacher_fwd, batches, pipe, cd_now, gen,
-                                             args.grad_accum, autocast, fake if dmd_on else None, args.dmd_weight)
+                                             args.grad_accum, autocast, fake if dmd_on else None, args.dmd_weight,
+                                             args.dmd_guidance)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     student.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf")).item()
                 if dmd_on and args.grad_clip > 0:

@@ -90,7 +90,7 @@ def test_a_few_steps_lower_the_loss(data_dir, tmp_path):
     assert not os.path.exists(tmp_path / GUIDANCE_FILE)
 
 
-@pytest.mark.parametrize("dmd", [[], ["--dmd-weight", 0.5, "--dmd-start", 2, "--fake-lr", 2e-3]],
+@pytest.mark.parametrize("dmd", [[], ["--dmd-weight", 0.5, "--dmd-start", 2, "--fake-lr", 2e-3, "--dmd-guidance", 3]],
                          ids=["cd", "cd+dmd"])
 def test_resume_after_ctrl_c_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch, dmd):
     """6 steps straight == Ctrl-C during step 3 (finishes it, checkpoints, stops) + --resume auto: every tensor of
