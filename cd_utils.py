@@ -108,6 +108,16 @@ def heun_step(
     return x_next
 
 
+def training_noise(
+    x0: torch.Tensor, edm_config: EDMConfig = EDM, generator: Optional[torch.Generator] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's training noise for clean latents x0 (B, ...): ln sigma ~ N(P_mean, P_std^2) per sample, then
+    eps ~ N(0, I), in that order from `generator`. Returns (sigma (B, 1, ..., 1), x0 + sigma eps)."""
+    draw = dict(generator=generator, device=x0.device, dtype=x0.dtype)
+    sigma = (torch.randn((x0.shape[0],) + (1,) * (x0.ndim - 1), **draw) * edm_config.P_std + edm_config.P_mean).exp()
+    return sigma, x0 + sigma * torch.randn(x0.shape, **draw)
+
+
 def edm_loss(
     model_fwd: ModelFwd,
     x0: torch.Tensor,
@@ -121,14 +131,11 @@ def edm_loss(
     ln sigma ~ N(P_mean, P_std^2) per sample; a fraction `cap_drop_prob` of captions is zeroed, which is the
     unconditional input that classifier-free guidance uses. Returns a scalar.
     """
-    B = x0.shape[0]
-    shape = (B,) + (1,) * (x0.ndim - 1)
-    draw = dict(generator=generator, device=x0.device, dtype=x0.dtype)
-    sigma = (torch.randn(shape, **draw) * edm_config.P_std + edm_config.P_mean).exp()
-    noise = torch.randn(x0.shape, **draw)
-    keep = (torch.rand((B,) + (1,) * (y.ndim - 1), **draw) >= cap_drop_prob).to(y.dtype)
+    sigma, x_noisy = training_noise(x0, edm_config, generator)
+    keep = (torch.rand((x0.shape[0],) + (1,) * (y.ndim - 1), generator=generator, device=x0.device, dtype=x0.dtype)
+            >= cap_drop_prob).to(y.dtype)
     weight = (sigma**2 + edm_config.sigma_data**2) / (sigma * edm_config.sigma_data) ** 2
-    denoised = edm_forward(x0 + sigma * noise, sigma, y * keep, model_fwd, edm_config)
+    denoised = edm_forward(x_noisy, sigma, y * keep, model_fwd, edm_config)
     return (weight * (denoised - x0) ** 2).mean()
 
 
@@ -434,18 +441,15 @@ def dmd_loss(
 ) -> torch.Tensor:
     """Distribution-matching loss of generated clean latents x_gen (B, ...) (with grad to the generator): a scalar.
 
-    ln sigma ~ N(P_mean, P_std^2) (the teacher's training noise), x_t = x_gen + sigma eps. The KL gradient is
+    x_t = x_gen + sigma eps, the teacher's training noise (`training_noise`). The KL gradient is
     s_fake - s_real = (D_fake - D_real) / sigma^2 (DMD eq. 7 through Tweedie), weighted per sample by
-    sigma^2 / mean|x_gen - D_real| (DMD eq. 8): g = (D_fake - D_real) / mean|x_gen - D_real|, D_real the teacher guided at
-    cfg.guidance, D_fake the fake denoiser (cfg 1). x_gen is regressed onto sg(x_gen - g) with the CD distance
+    sigma^2 / mean|x_gen - D_real| (DMD eq. 8): g = (D_fake - D_real) / mean|x_gen - D_real|, D_real the teacher
+    guided at cfg.guidance, D_fake the fake denoiser (cfg 1). x_gen is regressed onto sg(x_gen - g) with the CD distance
     (`consistency_distance`), so that this gradient and cd_loss's have the same per-sample scale.
     """
-    B = x_gen.shape[0]
-    draw = dict(generator=generator, device=x_gen.device, dtype=x_gen.dtype)
-    sigma = (torch.randn((B,), **draw) * edm_config.P_std + edm_config.P_mean).exp()
     x = x_gen.detach()
     with torch.no_grad():
-        x_t = x + _as_batch_sigma(sigma, x) * torch.randn(x.shape, **draw)
+        sigma, x_t = training_noise(x, edm_config, generator)
         d_real = guided_edm_forward(x_t, sigma, y, teacher_fwd, edm_config, cfg.guidance)
         d_fake = edm_forward(x_t, sigma, y, fake_fwd, edm_config)
         scale = (x - d_real).abs().flatten(1).mean(1).clamp_min(1e-6)
