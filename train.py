@@ -558,7 +558,8 @@ def print_plan(args: argparse.Namespace, cd: CDConfig, student: torch.nn.Module,
     if args.dmd_weight:  # dmd_losses: the 1-step sample, the guided teacher, the fake and the fake's training
         guidance = cd.guidance if args.dmd_guidance is None else args.dmd_guidance
         print(f"DMD from step {args.dmd_start} at weight {args.dmd_weight:g}, teacher guidance {guidance}, fake lr "
-              f"{args.fake_lr}: + student 1-step forward+backward ~3 + teacher 2 + fake 1 + fake forward+backward ~3 = ~{t_calls + 13} passes")
+              f"{args.fake_lr}: + student 1-step forward+backward ~3 + teacher 2 + fake 1 + fake forward+backward ~3 "
+              f"= ~{t_calls + 13} passes")
 
 
 def print_result(args: argparse.Namespace, result: dict) -> None:
