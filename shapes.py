@@ -20,10 +20,13 @@ CLI: `python shapes.py {train-classifier,evaluate,preview,prompts} --help`.
 """
 import argparse
 import json
+import math
 import os
+import re
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Sequence
 
@@ -63,6 +66,10 @@ VOCAB: dict[str, tuple[str, ...]] = {
     "background": tuple(COLORS),  # any colour but the object's
 }
 NUM_CLASSES = tuple(len(VOCAB[a]) for a in ATTRIBUTES)
+OMITTED = -1  # an attribute row's entry for an attribute its caption does not name
+# The training stream's caption mix (`sample_named`): full captions 1/3, the 31 partial forms 2/3 (each attribute
+# named in 2/3 * 15/31 + 1/3 = 66% of captions).
+FULL_CAPTION_SHARE = 1 / 3
 
 # Geometry in pixels: half-extent of a shape per size, grid-cell centres, jitter amplitudes, supersampling.
 HALF_SIZE = (3.25, 5.5)
@@ -72,8 +79,20 @@ SUPERSAMPLE = 4
 # Std of generator pixels in [-1, 1] (`pixel_std(20000, seed=0)` = 0.7876): the sigma_data of a pixel-space teacher.
 PIXEL_STD = 0.788
 
+# Precision and recall: k of the k-NN radii. Kynkaanniemi et al. 2019 use k = 3 on 50k images; on our sets of
+# 10^2-10^3 images k = 3 leaves real-vs-real precision at 0.93 (320 partial-caption images), k = 5 at 0.98.
+MANIFOLD_NEIGHBOURS = 5
+DATA_REFERENCE = "data"  # the name under which `score` gets the reference set of real renders
+# The classifier's degradation reading (blur, noise strengths in [0, 1], `ShapesClassifier.degradation`) joins its
+# features multiplied by DEGRADATION_SCALE: a full training blur then moves an image by about one k-NN radius of
+# 10^2-10^3 real images (~30), so precision sees blur that the attribute features read through. An image is
+# sharp when its blur reading is below SHARP_BLUR: real images read ~0.03, the teacher's 30-step samples
+# ~0.1-0.2, its 1-step mean (and a Gaussian blur of sigma 0.7 px) ~0.7.
+DEGRADATION_SCALE = 30.0
+SHARP_BLUR = 0.5
+
 DEFAULT_CLASSIFIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "shapes_classifier.safetensors")
-CLASSIFIER_FORMAT = "shapes-classifier-v1"
+CLASSIFIER_FORMAT = "shapes-classifier-v2"  # v2: the degradation head
 
 # ----------------------------------------------------------------------------------------------------------
 # Generator
@@ -88,16 +107,20 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 _NUM_STREAMS = 8  # random numbers per item: 5 attributes + 3 jitter values
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_CAPTION_FORM_SALT = 0xC0FFEE  # the stream of caption forms (`sample_named`)
 
 
-def _uniform(n: int, seed: int, start: int) -> np.ndarray:
-    """(n, _NUM_STREAMS) float64 uniforms in [0, 1); row k depends only on (seed, start + k).
+def _uniform(n: int, seed: int, start: int, salt: int = 0) -> np.ndarray:
+    """(n, _NUM_STREAMS) float64 uniforms in [0, 1); row k depends only on (seed, salt, start + k).
 
-    Number j of item i is output i * _NUM_STREAMS + j of a SplitMix64 generator whose state is derived from seed.
+    Number j of item i is output i * _NUM_STREAMS + j of a SplitMix64 generator whose state is derived from seed
+    (and from `salt`, which gives a per-item draw that is independent of the attributes and jitter: salt 0).
     """
     if n < 0 or start < 0:
         raise ValueError(f"n and start must be >= 0, got n={n}, start={start}")
     state = _splitmix64(np.array([seed % 2**64], dtype=np.uint64))
+    if salt:
+        state = _splitmix64(state + np.uint64(salt))
     counter = (np.arange(start, start + n, dtype=np.uint64)[:, None] * np.uint64(_NUM_STREAMS)
                + np.arange(_NUM_STREAMS, dtype=np.uint64) + np.uint64(1))
     bits = _splitmix64(state + counter * _GOLDEN)
@@ -110,13 +133,45 @@ def sample_attributes(n: int, seed: int, start: int = 0) -> torch.Tensor:
     Every attribute is uniform over its vocabulary; the background is uniform over the colours other than the
     object's.
     """
-    u = _uniform(n, seed, start)[:, : len(ATTRIBUTES)]
-    sizes = np.array(NUM_CLASSES, dtype=np.float64)
-    sizes[ATTRIBUTES.index("background")] -= 1
-    attrs = np.floor(u * sizes).astype(np.int64)
+    return fill_omitted(torch.full((n, len(ATTRIBUTES)), OMITTED), seed, start)
+
+
+def fill_omitted(attrs: torch.Tensor, seed: int, start: int = 0) -> torch.Tensor:
+    """Attribute rows (n, 5) with OMITTED entries -> complete rows: each omitted attribute of row k drawn from the
+    world's distribution given the row's named ones, from the numbers of item start+k of stream `seed`.
+
+    Shape, size and position are uniform; an omitted colour is uniform over the colours other than a named
+    background, an omitted background over those other than the (named or drawn) colour. Rows with every
+    attribute omitted are `sample_attributes`' rows of the same items.
+    """
+    attrs = torch.as_tensor(attrs, dtype=torch.long).reshape(-1, len(ATTRIBUTES))
+    u = torch.from_numpy(_uniform(len(attrs), seed, start)[:, : len(ATTRIBUTES)])
+    drawn = (u * torch.tensor(NUM_CLASSES, dtype=torch.float64)).long()
     color, bg = ATTRIBUTES.index("color"), ATTRIBUTES.index("background")
-    attrs[:, bg] += attrs[:, bg] >= attrs[:, color]
-    return torch.from_numpy(attrs)
+    out = torch.where(attrs == OMITTED, drawn, attrs)
+
+    def draw_except(k: int, excluded: torch.Tensor) -> torch.Tensor:  # uniform over the colours but `excluded`
+        v = (u[:, k] * (len(COLORS) - 1)).long()
+        return v + (v >= excluded).long()
+
+    bg_named = attrs[:, bg] != OMITTED
+    out[:, color] = torch.where(attrs[:, color] != OMITTED, attrs[:, color],
+                                torch.where(bg_named, draw_except(color, attrs[:, bg]), drawn[:, color]))
+    out[:, bg] = torch.where(bg_named, attrs[:, bg], draw_except(bg, out[:, color]))
+    return out
+
+
+def sample_named(n: int, seed: int, start: int = 0, full_share: float = FULL_CAPTION_SHARE) -> torch.Tensor:
+    """Which attributes the captions of items start..start+n-1 of stream `seed` name: bool (n, 5).
+
+    The caption mix of the training stream: a full caption with probability `full_share`, else one of the 31
+    partial forms (any subset of the five attributes but all of them, "a shape" included), uniformly. Drawn from
+    a stream of its own, so the items' attributes and jitter are those of `sample`.
+    """
+    u = _uniform(n, seed, start, salt=_CAPTION_FORM_SALT)
+    forms = 2 ** len(ATTRIBUTES)
+    form = np.where(u[:, 0] < full_share, forms - 1, np.floor(u[:, 1] * (forms - 1)).astype(np.int64))
+    return torch.from_numpy((form[:, None] >> np.arange(len(ATTRIBUTES))) & 1).bool()
 
 
 def sample_jitter(n: int, seed: int, start: int = 0) -> torch.Tensor:
@@ -178,37 +233,87 @@ def sample(n: int, seed: int, start: int = 0) -> tuple[torch.Tensor, torch.Tenso
     return render(attrs, sample_jitter(n, seed, start)), attrs
 
 
-def caption(attrs_row: Sequence[int]) -> str:
-    """One attribute row (5 ints, `ATTRIBUTES` order) -> its caption."""
-    words = {a: VOCAB[a][int(v)] for a, v in zip(ATTRIBUTES, attrs_row)}
-    return f"a {words['size']} {words['color']} {words['shape']} at the {words['position']} on a {words['background']} background"
+def render_captions(prompts: Sequence[str], seed: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real images of captions: (images float32 (n, 3, 32, 32) in [-1, 1], attrs LongTensor (n, 5)); what caption
+    i omits is drawn from item start+i of stream `seed` (`fill_omitted`), as is its jitter. For the full captions
+    of items 0..n-1 of a stream these are `sample(n, seed)`'s images."""
+    attrs = fill_omitted(torch.stack([parse_caption(p) for p in prompts]), seed, start)
+    return render(attrs, sample_jitter(len(prompts), seed, start)), attrs
 
 
-def captions(attrs: torch.Tensor) -> list[str]:
-    """Attribute rows (n, 5) -> n captions."""
-    return [caption(row) for row in attrs.tolist()]
+def stream_captions(n: int, seed: int, start: int = 0) -> list[str]:
+    """The captions of items start..start+n-1 of stream `seed` in the training mix (`sample_named`): the tiny
+    preset's prompts for teacher data."""
+    return captions(sample_attributes(n, seed, start), sample_named(n, seed, start))
+
+
+def lab_prompts(num_full: int, num_partial: int, seeds_per_caption: int, seed: int) -> list[str]:
+    """The lab's evaluation captions: the full captions of items 0..num_full-1 of stream `seed`, then
+    `num_partial` partial captions (items num_full.., a partial form each) each repeated `seeds_per_caption`
+    times in a row, so that a sampler that draws image i from seed + i shows each its spread over seeds."""
+    full = captions(sample_attributes(num_full, seed))
+    partial = captions(sample_attributes(num_partial, seed, num_full), sample_named(num_partial, seed, num_full, 0.0))
+    return full + [c for c in partial for _ in range(seeds_per_caption)]
+
+
+def caption(attrs_row: Sequence[int], named: Optional[Sequence[bool]] = None) -> str:
+    """One attribute row (5 ints, `ATTRIBUTES` order) -> its caption, naming the attributes `named` (5 bools;
+    default all) and those only: an omitted shape becomes the noun "shape", any other omitted attribute drops its
+    words ("a red circle", "a small shape on a blue background", "a shape")."""
+    named = [True] * len(ATTRIBUTES) if named is None else [bool(v) for v in named]
+    words = {a: VOCAB[a][int(v)] if keep else None for a, v, keep in zip(ATTRIBUTES, attrs_row, named)}
+    return ("a" + (f" {words['size']}" if words["size"] else "") + (f" {words['color']}" if words["color"] else "")
+            + f" {words['shape'] or 'shape'}" + (f" at the {words['position']}" if words["position"] else "")
+            + (f" on a {words['background']} background" if words["background"] else ""))
+
+
+def captions(attrs: torch.Tensor, named: Optional[torch.Tensor] = None) -> list[str]:
+    """Attribute rows (n, 5) -> n captions, naming the attributes `named` ((n, 5) bools; default all)."""
+    rows = attrs.tolist()
+    return [caption(row, None if named is None else keep) for row, keep in
+            zip(rows, [None] * len(rows) if named is None else named.tolist())]
+
+
+def _caption_pattern() -> re.Pattern:
+    def one_of(a: str) -> str:
+        return "(" + "|".join(VOCAB[a]) + ")"
+
+    return re.compile(rf"a(?: {one_of('size')})?(?: {one_of('color')})? (?:{one_of('shape')}|shape)"
+                      rf"(?: at the {one_of('position')})?(?: on a {one_of('background')} background)?")
+
+
+_CAPTION_RE = _caption_pattern()
 
 
 def parse_caption(text: str) -> torch.Tensor:
-    """Inverse of `caption`: LongTensor (5,). Case, surrounding/repeated whitespace and a final '.' are ignored.
+    """Inverse of `caption`: LongTensor (5,), OMITTED (-1) for an attribute the caption does not name. Case,
+    surrounding/repeated whitespace and a final '.' are ignored.
 
     Raises UserError naming the caption if it does not follow the grammar of the shapes world.
     """
-    words = text.lower().strip().removesuffix(".").split()
-    try:
-        at, on = words.index("at"), words.index("on")
-        ok = (words[0] == "a" and words[at + 1] == "the" and words[on + 1] == "a" and words[-1] == "background"
-              and at == 4 and on > at + 2 and len(words) == on + 4)
-        if ok:
-            values = {"size": words[1], "color": words[2], "shape": words[3],
-                      "position": " ".join(words[at + 2:on]), "background": words[on + 2]}
-            row = [VOCAB[a].index(values[a]) for a in ATTRIBUTES]
-            if row[ATTRIBUTES.index("color")] != row[ATTRIBUTES.index("background")]:
-                return torch.tensor(row)
-    except (ValueError, IndexError):
-        pass
-    raise UserError(f"caption {text!r} is not a shapes-world caption "
-                    "('a {small|large} {color} {shape} at the {position} on a {color} background')")
+    match = _CAPTION_RE.fullmatch(" ".join(text.lower().strip().removesuffix(".").split()))
+    if match:
+        values = dict(zip(("size", "color", "shape", "position", "background"), match.groups()))
+        row = [VOCAB[a].index(values[a]) if values[a] else OMITTED for a in ATTRIBUTES]
+        color, bg = row[ATTRIBUTES.index("color")], row[ATTRIBUTES.index("background")]
+        if color == OMITTED or color != bg:
+            return torch.tensor(row)
+    raise UserError(f"caption {text!r} is not a shapes-world caption ('a [small|large] [colour] <shape or the word "
+                    "shape> [at the <position>] [on a <colour> background]', the object's colour not the background's)")
+
+
+def omitted_distribution(row: Sequence[int], attribute: str) -> torch.Tensor:
+    """The world's distribution of an attribute that a parsed caption `row` (5 ints, OMITTED where not named)
+    omits, given what it names: float64 (K_attribute,). Uniform, but a colour never equals a named background
+    (nor a background a named colour); with both omitted each is uniform over all colours by symmetry."""
+    k = ATTRIBUTES.index(attribute)
+    if row[k] != OMITTED:
+        raise ValueError(f"the caption names {attribute}")
+    p = torch.ones(NUM_CLASSES[k], dtype=torch.float64)
+    other = {"color": "background", "background": "color"}.get(attribute)
+    if other is not None and row[ATTRIBUTES.index(other)] != OMITTED:
+        p[row[ATTRIBUTES.index(other)]] = 0
+    return p / p.sum()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,10 +331,13 @@ class ShapesClassifier(nn.Module):
     background colour is the per-image median, as the object covers at most ~15% of the pixels. This makes the
     shape features colour-invariant from the first layer and training several times faster.
     The head sees a global max-pool of the 8x8 feature map (what the object is) and a squeezed flattened copy
-    of it (where it is).
+    of it (where it is). A second head regresses the strength of the training degradations (`_augment`: blur,
+    noise): the attribute heads learn to read through them, so without it the features would be blind to them
+    and a blurred image would sit on the data's k-NN manifold (`on_manifold`) as a sharp one does.
 
-    `features(x)` -> (N, feature_dim) penultimate activations (shapes-FD space);
-    `forward(x)` -> list of logits (N, K_a), one per attribute in `ATTRIBUTES` order.
+    `features(x)` -> (N, feature_dim) penultimate activations (shapes-FD, precision and recall space);
+    `forward(x)` -> list of logits (N, K_a), one per attribute in `ATTRIBUTES` order;
+    `degradation(x)` -> (N, 2) predicted (blur, noise) strengths in [0, 1] units.
     """
 
     def __init__(self, width: int = 16, feature_dim: int = 128, where_channels: int = 8):
@@ -245,6 +353,7 @@ class ShapesClassifier(nn.Module):
         self.where = nn.Conv2d(4 * w, where_channels, 1)
         self.fc = nn.Linear(4 * w + where_channels * (IMAGE_SIZE // 4) ** 2, feature_dim)
         self.head = nn.Linear(feature_dim, sum(NUM_CLASSES))
+        self.degradation_head = nn.Linear(feature_dim, 2)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         background = x.flatten(2).median(2).values[:, :, None, None]
@@ -253,6 +362,9 @@ class ShapesClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.head(self.features(x)).split(NUM_CLASSES, dim=1))
+
+    def degradation(self, x: torch.Tensor) -> torch.Tensor:
+        return self.degradation_head(self.features(x))
 
 
 def _vocab_json() -> str:
@@ -308,22 +420,32 @@ def predict_attributes(images: torch.Tensor, classifier: Optional[ShapesClassifi
 
 def attribute_accuracy(images: torch.Tensor, prompts: Sequence[str],
                        classifier: Optional[ShapesClassifier] = None) -> dict[str, float]:
-    """Per-attribute agreement between predicted attributes of `images` ([0, 1]) and their captions.
+    """Agreement between the predicted attributes of `images` ([0, 1]) and what their captions name.
 
-    Returns {attribute: share correct, ..., "all": share with every attribute correct}.
+    Returns {attribute: share correct among the captions that name it (absent if none does), ..., "all": share of
+    images with every named attribute correct}.
     """
     if len(images) != len(prompts) or not len(prompts):
         raise ValueError(f"need as many images as captions (>0), got {len(images)} and {len(prompts)}")
+    return _accuracy(_named_right(predict_attributes(images, classifier), prompts), prompts)
+
+
+def _named_right(predicted: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """bool (N, 5): predicted attribute k of image i is right, or caption i does not name attribute k."""
     target = torch.stack([parse_caption(p) for p in prompts])
-    correct = predict_attributes(images, classifier) == target
-    acc = {a: correct[:, k].float().mean().item() for k, a in enumerate(ATTRIBUTES)}
-    acc["all"] = correct.all(1).float().mean().item()
+    return (predicted == target) | (target == OMITTED)
+
+
+def _accuracy(right: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
+    named = torch.stack([parse_caption(p) for p in prompts]) != OMITTED
+    acc = {a: right[named[:, k], k].float().mean().item() for k, a in enumerate(ATTRIBUTES) if named[:, k].any()}
+    acc["all"] = right.all(1).float().mean().item()
     return acc
 
 
 def prompt_adherence(images: torch.Tensor, prompts: Sequence[str],
                      classifier: Optional[ShapesClassifier] = None) -> float:
-    """Share of images ([0, 1], (N, 3, 32, 32)) whose predicted attributes all match their caption."""
+    """Share of images ([0, 1], (N, 3, 32, 32)) whose predicted attributes match everything their caption names."""
     return attribute_accuracy(images, prompts, classifier)["all"]
 
 
@@ -342,29 +464,24 @@ def count_objects(images: torch.Tensor, threshold: float = 0.3, min_pixels: int 
     return torch.tensor(counts, dtype=torch.long)
 
 
-def score(images: torch.Tensor, prompts: Sequence[str], references: Optional[dict[str, torch.Tensor]] = None,
-          classifier: Optional[ShapesClassifier] = None) -> dict[str, float]:
-    """The shapes-world scores of images ([0, 1], (N, 3, 32, 32)) against their captions, under one name each
-    wherever they are reported: `adherence` (every attribute right), `acc_<attribute>` per attribute,
-    `one_object` (share of images with exactly one object, `count_objects`) and, for every reference set
-    {name: its `shapes_features`} (e.g. "data": real images of the captions, "teacher": the teacher's images of
-    the same prompts and seeds), `shapes_fd_<name>`, the shapes-FD to it."""
-    acc = attribute_accuracy(images, prompts, classifier)
-    metrics = {"adherence": acc.pop("all"), **{f"acc_{a}": v for a, v in acc.items()},
-               "one_object": (count_objects(images) == 1).float().mean().item()}
-    if references:
-        features = shapes_features(images, classifier)
-        metrics.update({f"shapes_fd_{name}": frechet_distance(features, ref) for name, ref in references.items()})
-    return metrics
-
-
 @torch.no_grad()
 def shapes_features(images: torch.Tensor, classifier: Optional[ShapesClassifier] = None,
                     batch_size: int = 500) -> torch.Tensor:
-    """Images (N, 3, 32, 32) in [0, 1] -> penultimate classifier features float64 (N, feature_dim) on CPU."""
+    """Images (N, 3, 32, 32) in [0, 1] -> the classifier's features float64 (N, feature_dim + 2) on CPU: its
+    penultimate activations, then DEGRADATION_SCALE x its (blur, noise) reading."""
     model = classifier if classifier is not None else load_classifier()
     x = _to_classifier_input(images, model)
-    return torch.cat([model.features(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).double().cpu()
+
+    def read(batch: torch.Tensor) -> torch.Tensor:
+        h = model.features(batch)
+        return torch.cat([h, DEGRADATION_SCALE * model.degradation_head(h)], 1)
+
+    return torch.cat([read(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).double().cpu()
+
+
+def blur_reading(features: torch.Tensor) -> torch.Tensor:
+    """The classifier's blur reading (N,) in training-blur units, from `shapes_features` (N, D)."""
+    return features[:, -2] / DEGRADATION_SCALE
 
 
 def _sqrtm_psd(m: np.ndarray) -> np.ndarray:
@@ -396,6 +513,127 @@ def shapes_fd(images_a: torch.Tensor, images_b: torch.Tensor, classifier: Option
     return frechet_distance(shapes_features(images_a, classifier), shapes_features(images_b, classifier))
 
 
+def on_manifold(feats: torch.Tensor, reference: torch.Tensor, k: int = MANIFOLD_NEIGHBOURS) -> torch.Tensor:
+    """Which rows of `feats` (N, D) lie on the k-NN manifold of `reference` (M, D) (Kynkaanniemi et al. 2019,
+    eq. 1): inside the ball around some reference point whose radius is that point's distance to its k-th nearest
+    neighbour in the reference set. Returns bool (N,)."""
+    if len(reference) <= k:
+        raise ValueError(f"the k-NN manifold needs more than k={k} reference points, got {len(reference)}")
+    a, b = feats.double(), reference.double()
+    radii = torch.cdist(b, b).kthvalue(k + 1, dim=1).values  # the (k+1)-th smallest: the first is the point itself
+    return (torch.cdist(a, b) <= radii[None]).any(1)
+
+
+def precision_recall(feats: torch.Tensor, reference: torch.Tensor,
+                     k: int = MANIFOLD_NEIGHBOURS) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019, eq. 2) of a sample's features (N, D) against a
+    reference's (M, D): precision = share of the sample on the reference's k-NN manifold (fidelity), recall =
+    share of the reference on the sample's manifold (diversity)."""
+    return (on_manifold(feats, reference, k).double().mean().item(),
+            on_manifold(reference, feats, k).double().mean().item())
+
+
+def coverage_tv(predicted: torch.Tensor, prompts: Sequence[str], reference: Optional[torch.Tensor] = None) -> float:
+    """How far the seeds of each partial caption spread over what it omits: for every caption that occurs at
+    least twice (K images of K seeds) and every attribute it omits, the total-variation distance between the
+    histogram of the attribute's predicted values over the K images and (reference None) the world's
+    distribution of it given the caption (`omitted_distribution`), or the histogram over the `reference`
+    images of the same prompts (e.g. the teacher's, same seeds); the mean over (caption, attribute) pairs.
+    predicted, reference: LongTensor (N, 5) from `predict_attributes`. NaN if no caption repeats and omits.
+
+    16 real renders per caption read ~0.2 against the world (sampling noise); one image per caption ~0.8.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    distances = []
+    for prompt, index in groups.items():
+        row = parse_caption(prompt).tolist()
+        for k, a in enumerate(ATTRIBUTES):
+            if len(index) < 2 or row[k] != OMITTED:
+                continue
+            histogram = torch.bincount(predicted[index, k], minlength=NUM_CLASSES[k]).double() / len(index)
+            target = (omitted_distribution(row, a) if reference is None else
+                      torch.bincount(reference[index, k], minlength=NUM_CLASSES[k]).double() / len(index))
+            distances.append(0.5 * (histogram - target).abs().sum().item())
+    return float(np.mean(distances)) if distances else float("nan")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference image set for `score`, read once by `reference_set`: classifier features (N, D) and predicted
+    attributes (N, 5). Image i is of the scored set's prompt i (coverage pairs their seeds by caption)."""
+
+    features: torch.Tensor
+    attributes: torch.Tensor
+
+    def subset(self, index: Sequence[int]) -> "Reference":
+        return Reference(self.features[list(index)], self.attributes[list(index)])
+
+
+def reference_set(images: torch.Tensor, classifier: Optional[ShapesClassifier] = None) -> Reference:
+    """Images (N, 3, 32, 32) in [0, 1] -> their `Reference` (features and predicted attributes)."""
+    return Reference(shapes_features(images, classifier), predict_attributes(images, classifier))
+
+
+def score(images: torch.Tensor, prompts: Sequence[str], references: Optional[dict[str, Reference]] = None,
+          classifier: Optional[ShapesClassifier] = None) -> dict[str, float]:
+    """The shapes-world scores of images ([0, 1], (N, 3, 32, 32)) against their captions, under one name each
+    wherever they are reported:
+    - `attributes_right`: every attribute the caption names is read right; `acc_<attribute>` per attribute;
+    - `one_object`: share of images with exactly one object (`count_objects`), as every real image has;
+    - `sharp`: share of images whose blur reading (`blur_reading`) is below SHARP_BLUR, as every real image's is;
+    - `adherence`: attributes right *and* one object *and* sharp (blur reading < SHARP_BLUR): an averaged or
+      blurred image that the classifier still reads right does not count;
+    - `coverage_tv` (when partial captions repeat, K seeds each): each omitted attribute's histogram to the
+      world's distribution (`coverage_tv`);
+    - for every reference set {name: `reference_set` of images of the same prompts, e.g. "data": real renders of
+      the captions, "teacher": the teacher's images, same seeds}: `shapes_fd_<name>` (shapes-FD),
+      `precision_<name>`, `recall_<name>` (k-NN manifolds; sets of more than MANIFOLD_NEIGHBOURS images) and
+      `coverage_tv_<name>` (histograms against its own).
+    """
+    if len(images) != len(prompts) or not len(prompts):
+        raise ValueError(f"need as many images as captions (>0), got {len(images)} and {len(prompts)}")
+    references = references or {}
+    predicted = predict_attributes(images, classifier)
+    right = _named_right(predicted, prompts)
+    acc = _accuracy(right, prompts)
+    one_object = count_objects(images) == 1
+    features = shapes_features(images, classifier)
+    sharp = blur_reading(features) < SHARP_BLUR
+    metrics = {"adherence": (right.all(1) & one_object & sharp).float().mean().item(),
+               "attributes_right": acc.pop("all"), **{f"acc_{a}": v for a, v in acc.items()}, "one_object": one_object.float().mean().item(),
+               "sharp": sharp.float().mean().item()}
+    coverage = coverage_tv(predicted, prompts)  # NaN: no caption both repeats and omits an attribute
+    if not math.isnan(coverage):
+        metrics["coverage_tv"] = coverage
+    for name, ref in references.items():
+        metrics[f"shapes_fd_{name}"] = frechet_distance(features, ref.features)
+        if min(len(features), len(ref.features)) > MANIFOLD_NEIGHBOURS:
+            metrics[f"precision_{name}"], metrics[f"recall_{name}"] = precision_recall(features, ref.features)
+        if not math.isnan(coverage):
+            metrics[f"coverage_tv_{name}"] = coverage_tv(predicted, prompts, ref.attributes)
+    return metrics
+
+
+def split_by_form(prompts: Sequence[str]) -> dict[str, list[int]]:
+    """{"full": indices of the captions naming all five attributes, "partial": the others}; empty forms left out."""
+    full = [bool((parse_caption(p) != OMITTED).all()) for p in prompts]
+    forms = {"full": [i for i, f in enumerate(full) if f], "partial": [i for i, f in enumerate(full) if not f]}
+    return {form: index for form, index in forms.items() if index}
+
+
+def score_by_form(images: torch.Tensor, prompts: Sequence[str], references: Optional[dict[str, Reference]] = None,
+                  classifier: Optional[ShapesClassifier] = None) -> dict[str, float]:
+    """`score` of the full and of the partial captions apart: {"full/<metric>": ..., "partial/<metric>": ...}."""
+    metrics = {}
+    for form, index in split_by_form(prompts).items():
+        refs = {name: ref.subset(index) for name, ref in (references or {}).items()}
+        scores = score(images[index], [prompts[i] for i in index], refs, classifier)
+        metrics.update({f"{form}/{name}": v for name, v in scores.items()})
+    return metrics
+
+
 def pixel_std(n: int = 10000, seed: int = 0) -> float:
     """Std of generator pixels in [-1, 1], pooled over n images, all channels and positions."""
     images, _ = sample(n, seed)
@@ -406,20 +644,26 @@ def pixel_std(n: int = 10000, seed: int = 0) -> float:
 # Training and evaluation
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _augment(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Training-time degradations so that slightly blurry or noisy generated images keep their attributes:
     half of the images blend by a U(0, 1) weight towards a 3x3 box blur; all get Gaussian pixel noise with
-    std U(0, 0.1) ([-1, 1] units). x: (N, 3, 32, 32) in [-1, 1] -> same shape, clamped to [-1, 1]."""
+    std U(0, 0.1) ([-1, 1] units). x: (N, 3, 32, 32) in [-1, 1] -> (same shape, clamped to [-1, 1], their
+    strengths (N, 2): the blur weight and the noise std / 0.1, the degradation head's targets)."""
     def per_image() -> torch.Tensor:
         return torch.rand(len(x), 1, 1, 1, generator=generator)
 
     blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    x = x + per_image() * (per_image() < 0.5) * (blurred - x)
-    x = x + 0.1 * per_image() * torch.randn(x.shape, generator=generator)
-    return x.clamp(-1, 1)
+    blur = per_image() * (per_image() < 0.5)
+    noise = per_image()
+    x = x + blur * (blurred - x)
+    x = x + 0.1 * noise * torch.randn(x.shape, generator=generator)
+    return x.clamp(-1, 1), torch.cat([blur, noise], 1).flatten(1)
 
 
-def train_classifier(seed: int = 0, steps: int = 800, batch_size: int = 64, lr: float = 3e-3) -> ShapesClassifier:
+DEGRADATION_LOSS_WEIGHT = 3.0  # the degradation head's MSE (targets in [0, 1]) against the sum of 5 cross-entropies
+
+
+def train_classifier(seed: int = 0, steps: int = 2400, batch_size: int = 64, lr: float = 3e-3) -> ShapesClassifier:
     """Train a ShapesClassifier on fresh draws of stream `seed` (step s uses items s*batch_size...), degraded by
     `_augment`; returns it in eval mode."""
     torch.manual_seed(seed)
@@ -430,8 +674,11 @@ def train_classifier(seed: int = 0, steps: int = 800, batch_size: int = 64, lr: 
     model.train()
     for step in (bar := tqdm(range(steps), desc="train classifier")):
         x, y = sample(batch_size, seed, start=step * batch_size)
-        x = _augment(x, generator)
-        loss = sum(F.cross_entropy(logits, y[:, k]) for k, logits in enumerate(model(x)))
+        x, strength = _augment(x, generator)
+        features = model.features(x)
+        logits = model.head(features).split(NUM_CLASSES, dim=1)
+        loss = (sum(F.cross_entropy(logit, y[:, k]) for k, logit in enumerate(logits))
+                + DEGRADATION_LOSS_WEIGHT * F.mse_loss(model.degradation_head(features), strength))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -470,7 +717,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = sub.add_parser("train-classifier", help="train the attribute classifier on fresh generated images")
     p.add_argument("--out", default=DEFAULT_CLASSIFIER, help="output .safetensors path")
     p.add_argument("--seed", type=int, default=0, help="training stream and init seed; held-out stream is seed + 1")
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--eval-n", type=int, default=2000, help="held-out images (and FD set size)")
     p = sub.add_parser("evaluate", help="held-out accuracy, shapes-FD noise floor and pixel std of a classifier")
