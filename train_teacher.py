@@ -33,29 +33,37 @@ from utils import UserError, atomic_write, load_torch_file, run_cli
 
 HELD_OUT_OFFSET = 10**6  # held-out captions: shapes stream seed + HELD_OUT_OFFSET (training uses stream seed)
 # Options that change the trained weights: a resumed run must use the values its state was started with.
-SETTINGS = ("preset", "steps", "batch_size", "lr", "warmup", "ema", "cap_drop", "seed")
+SETTINGS = ("preset", "steps", "partial_steps", "batch_size", "lr", "warmup", "ema", "cap_drop", "seed")
 
 
 @torch.no_grad()
-def evaluate_teacher(dit: torch.nn.Module, encode, preset, num: int, seed: int,
-                     batch_size: int = 250) -> dict[str, float]:
-    """`shapes.score` of `num` samples (the preset's Heun steps and guidance) of held-out captions, image i from
-    seed + i, plus `shapes_fd_floor`: the FD between two real sets of that size (the noise floor of shapes-FD)."""
-    real, attrs = shapes.sample(2 * num, seed=seed)
-    real = (real + 1) / 2
-    prompts = shapes.captions(attrs[:num])
-    noise = initial_noise(list(range(seed, seed + num)), real.shape[1:])
+def evaluate_teacher(dit: torch.nn.Module, encode, preset, num_full: int, num_partial: int, seeds_per_caption: int,
+                     seed: int, batch_size: int = 250) -> dict[str, float]:
+    """`shapes.score_by_form` of the teacher's samples (the preset's Heun steps and guidance) of held-out captions
+    (`shapes.lab_prompts`: num_full full captions, num_partial partial ones x seeds_per_caption seeds), image i from
+    seed + i, against real renders of the same captions; plus the floors that a second set of real renders reads
+    (`<form>/shapes_fd_floor`, `partial/coverage_tv_floor`)."""
+    prompts = shapes.lab_prompts(num_full, num_partial, seeds_per_caption, seed)
+    real, second = ((shapes.render_captions(prompts, s)[0] + 1) / 2 for s in (seed, seed + 1))
+    noise = initial_noise(list(range(seed, seed + len(prompts))), real.shape[1:])
     device = next(dit.parameters()).device
     images = torch.cat([edm_sample(dit, noise[i:i + batch_size].to(device), encode(prompts[i:i + batch_size]),
                                    preset.num_steps, preset.guidance_scale, preset.edm_config).cpu()
-                        for i in range(0, num, batch_size)])
-    metrics = shapes.score((images.clamp(-1, 1) + 1) / 2, prompts, {"data": shapes.shapes_features(real[:num])})
-    metrics["shapes_fd_floor"] = shapes.shapes_fd(real[:num], real[num:])
+                        for i in range(0, len(prompts), batch_size)])
+    references = {shapes.DATA_REFERENCE: shapes.reference_set(real)}
+    metrics = shapes.score_by_form((images.clamp(-1, 1) + 1) / 2, prompts, references)
+    floor = shapes.score_by_form(second, prompts, references)
+    metrics.update({k.replace("shapes_fd_data", "shapes_fd_floor"): v for k, v in floor.items() if "shapes_fd_data" in k})
+    if "partial/coverage_tv" in floor:
+        metrics["partial/coverage_tv_floor"] = floor["partial/coverage_tv"]
     return metrics
 
 
-def lr_factor(step: int, warmup: int, steps: int) -> float:
-    """Linear warm-up, then cosine decay to zero: a constant rate plateaus early on this small model."""
+def lr_factor(step: int, warmup: int, steps: int, partial_steps: int) -> float:
+    """Linear warm-up, then cosine decay to zero over `steps` (a constant rate plateaus early on this small model);
+    the same again over the `partial_steps` that follow (a warm restart, Loshchilov & Hutter 2017)."""
+    if step >= steps:
+        step, steps = step - steps, partial_steps
     return min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
@@ -84,23 +92,28 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --state")
     parser.add_argument("--stop-at", type=int, help="end this sitting after this step (state saved); --resume "
                         "continues")
-    parser.add_argument("--steps", type=int, default=20000, help="the shipped teacher: 20000 (~2.8 h on 2 CPU cores, "
+    parser.add_argument("--steps", type=int, default=20000, help="steps on full captions only (~2.8 h on 2 CPU cores, "
                         "in sittings with --resume)")
+    parser.add_argument("--partial-steps", type=int, default=6000, help="then this many steps on the stream of full "
+                        "and partial captions (shapes.sample_named), the learning rate warmed up and decayed again")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
     parser.add_argument("--ema", type=float, default=0.999, help="decay of the weight average that is saved")
     parser.add_argument("--cap-drop", type=float, default=0.1, help="caption dropout (the unconditional branch)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation, data stream and noise seed")
-    parser.add_argument("--eval-samples", type=int, default=500, help="held-out samples for the final report")
+    parser.add_argument("--eval-samples", type=int, default=500, help="held-out full captions for the final report, "
+                        "with a fifth as many partial captions x --eval-seeds")
     parser.add_argument("--eval-every", type=int, default=500, help="score the EMA teacher on --eval-captions "
                         "held-out captions every this many steps, for the learning curve (0: only at the end)")
-    parser.add_argument("--eval-captions", type=int, default=100)
+    parser.add_argument("--eval-captions", type=int, default=100, help="full captions of the learning curve, with a "
+                        "fourth as many partial captions x half --eval-seeds")
+    parser.add_argument("--eval-seeds", type=int, default=16, help="seeds per partial caption (coverage)")
     parser.add_argument("--save-minutes", type=float, default=5.0, help="write the state at least this often")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "warmup", "eval_samples", "eval_captions"):
+    for name in ("steps", "batch_size", "warmup", "eval_samples", "eval_captions", "eval_seeds"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads:
@@ -121,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ema = copy.deepcopy(dit).eval().requires_grad_(False)
     text = preset.text_encoder.build(None, args.seed).to(device).eval()
     opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup, args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup, args.steps, args.partial_steps))
     gen = torch.Generator(device).manual_seed(args.seed)
     step, curve, seconds, smooth = 0, [], 0.0, None
     command = shlex.join(["train_teacher.py"] + (sys.argv[1:] if argv is None else argv))
@@ -135,8 +148,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         step, curve, seconds, smooth = state["step"], state["curve"], state["seconds"], state["smooth_loss"]
         sittings = state["sittings"] + [command]
         print(f"resuming {state_path} at step {step} ({seconds / 60:.1f} min trained)")
+    total = args.steps + args.partial_steps
     print(f"training a {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M-parameter teacher for {args.steps} "
-          f"steps at batch {args.batch_size} on {device}, sigma_data {preset.edm_config.sigma_data}")
+          f"steps on full captions and {args.partial_steps} on full and partial ones at batch {args.batch_size} on "
+          f"{device}, sigma_data {preset.edm_config.sigma_data}")
 
     def save_state() -> None:
         blob = dict(settings=settings, step=step, dit=dit.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
@@ -144,13 +159,18 @@ def main(argv: Optional[list[str]] = None) -> None:
                     sittings=sittings)
         atomic_write(state_path, lambda tmp: torch.save(blob, tmp))
 
-    # Loop: batch `step` of the shapes stream is items step*B ... (step+1)*B - 1, whatever the sitting
-    last_save, stop = time.time(), min(args.steps, args.stop_at or args.steps)
-    bar = tqdm(range(step, stop), initial=step, total=args.steps, unit="step")
+    def evaluate(num_full: int, num_partial: int, seeds: int) -> dict[str, float]:
+        return evaluate_teacher(ema, text.encode, preset, num_full, num_partial, seeds, args.seed + HELD_OUT_OFFSET)
+
+    # Loop: batch `step` of the shapes stream is items step*B ... (step+1)*B - 1, whatever the sitting; their
+    # captions name every attribute for the first --steps steps, then what `shapes.sample_named` draws
+    last_save, stop = time.time(), min(total, args.stop_at or total)
+    bar = tqdm(range(step, stop), initial=step, total=total, unit="step")
     for step in bar:
         t0 = time.time()
         images, attrs = shapes.sample(args.batch_size, seed=args.seed, start=step * args.batch_size)
-        y = text.encode(shapes.captions(attrs))
+        named = shapes.sample_named(args.batch_size, args.seed, step * args.batch_size) if step >= args.steps else None
+        y = text.encode(shapes.captions(attrs, named))
         loss = edm_loss(dit, images.to(device), y, preset.edm_config, cap_drop_prob=args.cap_drop, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -162,25 +182,26 @@ def main(argv: Optional[list[str]] = None) -> None:
         seconds += time.time() - t0
         bar.set_postfix(loss=f"{smooth:.4f}")
         step += 1  # steps done
-        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            m = evaluate_teacher(ema, text.encode, preset, args.eval_captions, seed=args.seed + HELD_OUT_OFFSET)
+        if args.eval_every and step % args.eval_every == 0 and step < total:
+            m = evaluate(args.eval_captions, args.eval_captions // 4, max(2, args.eval_seeds // 2))
             curve.append(dict(step=step, samples=step * args.batch_size, train_minutes=round(seconds / 60, 2),
                               loss=round(smooth, 5), **{k: round(v, 4) for k, v in m.items()}))
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in curve[-1].items() if k != "step"))
         if time.time() - last_save > 60 * args.save_minutes or step == stop:
             save_state()
             last_save = time.time()
-    if step < args.steps:
-        print(f"stopped at step {step} of {args.steps}; state in {state_path}: continue with --resume")
+    if step < total:
+        print(f"stopped at step {step} of {total}; state in {state_path}: continue with --resume")
         return
 
     # End: the EMA teacher, its final scores on held-out captions and how it was made
     meta = {"command": sittings[0], "sittings": json.dumps(sittings), "device": str(device), "seed": str(args.seed),
-            "steps": str(args.steps), "batch_size": str(args.batch_size), "train_minutes": f"{seconds / 60:.1f}",
+            "steps": str(args.steps), "partial_steps": str(args.partial_steps), "batch_size": str(args.batch_size),
+            "train_minutes": f"{seconds / 60:.1f}",
             "torch": torch.__version__, "final_loss": f"{smooth:.5f}", "curve": json.dumps(curve),
             TEXT_FINGERPRINT_KEY: json.dumps(text_fingerprint(text))}
     save_weights(out, ema, meta)  # saved before the (long) evaluation
-    metrics = evaluate_teacher(ema, text.encode, preset, args.eval_samples, seed=args.seed + HELD_OUT_OFFSET)
+    metrics = evaluate(args.eval_samples, args.eval_samples // 5, args.eval_seeds)
     print(f"done in {seconds / 60:.1f} min of training; EMA teacher at {preset.num_steps} Heun steps, guidance "
           f"{preset.guidance_scale}, {args.eval_samples} held-out captions: "
           + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 import train_teacher
 from utils import UserError
 
-TINY_RUN = ["--steps", "4", "--batch-size", "4", "--warmup", "2", "--eval-every", "2", "--eval-captions", "2",
-            "--eval-samples", "2", "--device", "cpu"]
+TINY_RUN = ["--steps", "2", "--partial-steps", "2", "--batch-size", "4", "--warmup", "2", "--eval-every", "2",
+            "--eval-captions", "4", "--eval-samples", "5", "--eval-seeds", "2", "--device", "cpu"]
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, one_thread):
@@ -28,8 +28,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, one_thread):
               for m in (meta_a, meta_b)]
     assert curves[0] == curves[1] and [point["step"] for point in curves[1]] == [2]  # same scores at step 2
     assert "--resume" in meta_b["sittings"] and meta_b["command"].endswith("--stop-at 3")
-    assert {"adherence", "acc_position", "acc_shape", "one_object", "shapes_fd_data", "shapes_fd_floor",
-            "device", "train_minutes"} <= set(meta_b)
+    assert {f"{form}/{m}" for form in ("full", "partial")
+            for m in ("adherence", "one_object", "sharp", "shapes_fd_data", "shapes_fd_floor")} <= set(meta_b)
+    assert {"partial/coverage_tv", "partial/coverage_tv_floor", "device", "train_minutes", "partial_steps"} <= set(meta_b)
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, one_thread):
