@@ -21,13 +21,16 @@ Output in --out (default output/):
     teacher_30steps/, teacher_{N}steps/ (--compare-teacher, --teacher-steps), {label}_{N}steps/ per student, or
     parti_prompts_{N}steps/ for a single student without --labels (the reference layout); each holds NNNN.png and
     prompts.txt ("NNNN.png<TAB>prompt" per line);
-    grid.png (rows: the first --grid-rows prompts, captioned; columns: the configurations, titled), report.json,
-    report.md.
+    grid.png (rows: the first --grid-rows prompts, captioned; columns: the configurations, titled), on the shapes
+    world grid_partial.png (rows: a few partial captions x (real data, each configuration); columns: their seeds
+    side by side), report.json, report.md.
 Speed: network passes (NFE) per image, and end-to-end wall time (text encoding + sampling + decoding, PNG writing
 excluded) per batch and per image, after one untimed warm-up batch per batch shape, synchronising CUDA.
 Quality, where the models are here: CLIP score (open_clip, --clip-model); Inception FD to the teacher-30 images
-(torchmetrics or clean-fid, only when installed with their weights); on the shapes world, prompt adherence and
-shapes-FD both to the teacher-30 images and to real images rendered for the same captions ("data").
+(torchmetrics or clean-fid, only when installed with their weights); on the shapes world (prompts: --num-prompts
+full captions, then --partial-captions x --seeds-per-caption), full and partial captions apart: adherence,
+coverage of what partial captions omit, precision, recall and shapes-FD, both to the teacher-30 images and to
+real images rendered for the same captions ("data").
 """
 import argparse
 import os
@@ -81,12 +84,14 @@ class Config:
 # Prompts and students
 
 def get_prompts(args: argparse.Namespace, preset: Preset) -> tuple[list[str], str]:
-    """(the first --num-prompts prompts, where they come from): --prompts-file, else the preset's own prompts drawn
-    from --seed (the shapes world), else PartiPrompts.tsv in the working directory."""
+    """(the prompts, where they come from): the first --num-prompts of --prompts-file, else on the shapes world the
+    lab's captions of stream --seed (`shapes.lab_prompts`), else of PartiPrompts.tsv in the working directory."""
     if args.prompts_file:
         path = args.prompts_file
-    elif preset.prompt_source is not None:
-        return preset.prompt_source(args.num_prompts, args.seed), f"the {preset.name} preset's prompts, seed {args.seed}"
+    elif preset.shapes_world:
+        prompts = shapes.lab_prompts(args.num_prompts, args.partial_captions, args.seeds_per_caption, args.seed)
+        return prompts, (f"the shapes lab's captions of stream {args.seed}: {args.num_prompts} full, "
+                         f"{args.partial_captions} partial x {args.seeds_per_caption} seeds")
     else:
         path = parti_prompts_file()
     return load_prompts(path, args.prompt_column)[:args.num_prompts], path
@@ -278,29 +283,57 @@ def inception_fds(images: dict[str, np.ndarray], reference: str, folders: dict[s
         return None, f"Inception FD: skipped ({first_line(e)})"
 
 
-def shapes_metrics(images: dict[str, np.ndarray], prompts: Sequence[str], seed: int,
+def real_renders(prompts: Sequence[str], seed: int) -> Optional[np.ndarray]:
+    """DATA: real images of the captions, (N, H, W, 3) uint8, what they omit and their jitter drawn from stream
+    `seed` (`shapes.render_captions`); None for prompts outside the shapes grammar."""
+    try:
+        return to_uint8((shapes.render_captions(prompts, seed)[0] + 1) / 2)
+    except UserError:
+        return None
+
+
+def shapes_metrics(images: dict[str, np.ndarray], prompts: Sequence[str], data: Optional[np.ndarray],
                    reference: str) -> tuple[dict[str, dict[str, float]], Optional[str]]:
-    """`shapes.score` per configuration and for DATA, real images rendered for the same captions (the jitter of
-    stream `seed`), with shapes-FD to the data and to the `reference` (teacher-30) images: shapes_fd_data,
-    shapes_fd_teacher (a set is not compared with itself).
+    """`shapes.score_by_form` per configuration and for DATA (`real_renders`), full and partial captions apart,
+    against the data and the `reference` (teacher-30) images: <form>/shapes_fd_data, <form>/precision_teacher,
+    partial/coverage_tv_teacher, ... (a set is not compared with itself).
 
     Returns ({name: metrics}, None), or ({}, a one-line note) for prompts outside the shapes grammar, fewer than
     2 images or no trained classifier.
     """
     if len(prompts) < 2:
         return {}, "shapes metrics: skipped, shapes-FD needs at least 2 images"
+    if data is None:
+        return {}, "shapes metrics: skipped, the prompts are not shapes-world captions"
     try:
-        attrs = torch.stack([shapes.parse_caption(p) for p in prompts])
         classifier = shapes.load_classifier()
     except UserError as e:
         return {}, f"shapes metrics: skipped, {e}"
-    data = to_uint8((shapes.render(attrs, shapes.sample_jitter(len(prompts), seed)) + 1) / 2)
     sets = {DATA: data, **images}
-    references = {"data": DATA, "teacher": reference}
-    features = {ref: shapes.shapes_features(to_unit(sets[name]), classifier)
+    references = {shapes.DATA_REFERENCE: DATA, "teacher": reference}
+    readings = {ref: shapes.reference_set(to_unit(sets[name]), classifier)
                 for ref, name in references.items() if name in sets}
-    return {name: shapes.score(to_unit(x), prompts, {ref: f for ref, f in features.items() if references[ref] != name},
-                               classifier) for name, x in sets.items()}, None
+    return {name: shapes.score_by_form(to_unit(x), prompts, {ref: r for ref, r in readings.items()
+                                                             if references[ref] != name}, classifier)
+            for name, x in sets.items()}, None
+
+
+def partial_caption_grid(path: str, columns: dict[str, np.ndarray], prompts: Sequence[str], captions: int = 3,
+                         seeds: int = 8) -> bool:
+    """grid_partial.png: the first `captions` partial captions that repeat, each as one row per configuration
+    {row title: images (N, H, W, 3)} showing its first `seeds` seeds side by side: diversity, or its loss, at a
+    glance. Returns False (nothing written) when no partial caption repeats."""
+    groups: dict[str, list[int]] = {}
+    for i in shapes.split_by_form(prompts).get("partial", []):
+        groups.setdefault(prompts[i], []).append(i)
+    chosen = [index[:seeds] for index in groups.values() if len(index) > 1][:captions]
+    if not chosen:
+        return False
+    k = min(len(index) for index in chosen)
+    rows = [(name, index) for index in chosen for name in columns]
+    save_grid(path, [(f"seed {j + 1} of {k}", np.stack([columns[name][index[j]] for name, index in rows]))
+                     for j in range(k)], [f"{name}: {prompts[index[0]]}" for name, index in rows])
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,12 +352,24 @@ COLUMNS = (  # (header, row key, format); a column is shown when some row has a 
     ("speed-up (NFE)", "nfe_speedup", "{:.1f}x"),
     ("CLIP score", "clip_score", "{:.2f}"),
     ("FD-Inception to teacher 30", "fd_inception_teacher30", "{:.2f}"),
+)
+SHAPES_COLUMNS = (  # the shapes lab's table, one per caption form: (header, `shapes.score` name, format)
     ("adherence", "adherence", "{:.3f}"),
+    ("attributes right", "attributes_right", "{:.3f}"),
     *((f"acc. {a}", f"acc_{a}", "{:.3f}") for a in shapes.ATTRIBUTES),
     ("one object", "one_object", "{:.3f}"),
-    ("shapes-FD to teacher 30", "shapes_fd_teacher", "{:.3f}"),
-    ("shapes-FD to data", "shapes_fd_data", "{:.3f}"),
+    ("sharp", "sharp", "{:.3f}"),
+    ("coverage TV to world", "coverage_tv", "{:.3f}"),
+    ("coverage TV to teacher 30", "coverage_tv_teacher", "{:.3f}"),
+    ("precision to data", "precision_data", "{:.3f}"),
+    ("recall to data", "recall_data", "{:.3f}"),
+    ("precision to teacher 30", "precision_teacher", "{:.3f}"),
+    ("recall to teacher 30", "recall_teacher", "{:.3f}"),
+    ("shapes-FD to teacher 30", "shapes_fd_teacher", "{:.1f}"),
+    ("shapes-FD to data", "shapes_fd_data", "{:.1f}"),
 )
+CAPTION_FORMS = (("full", "full captions (every attribute named)"),
+                 ("partial", "partial captions (some attributes omitted; several seeds each)"))
 
 
 LEGEND = (  # (row key, line): a line is shown when its column is
@@ -332,23 +377,33 @@ LEGEND = (  # (row key, line): a line is shown when its column is
     ("fd_inception_teacher30", "- FD-Inception to teacher 30: Frechet Inception distance to the teacher's own "
                                "30-step images of the same prompts and seeds (how closely the student reproduces "
                                "the teacher); biased upwards on a few hundred images: compare rows, not papers."),
-    ("adherence", "- Adherence: share of images whose attributes, as the shapes classifier predicts them, all match "
-                  "the caption; acc. <attribute>: the share with that attribute right."),
-    ("one_object", "- One object: share of images with exactly one object (connected components, "
-                   "`shapes.count_objects`), as every real image has."),
+    ("adherence", "- Adherence: share of images whose attributes, as the shapes classifier reads them, match all "
+                  "the caption names, with exactly one object, and sharp (`shapes.score`); attributes right: the "
+                  "first condition alone; acc. <attribute>: the share right among captions naming it."),
+    ("sharp", "- Sharp: share of images whose blur, as the classifier reads it, is under half its training blur "
+              "(real images ~0.03; a blurred or averaged image, e.g. the mean a 1-step sampler draws, ~0.7)."),
+    ("coverage_tv", "- Coverage TV: for each partial caption, the histogram over its seeds of each attribute it "
+                    "omits, its total-variation distance to the world's distribution (to world) or to the "
+                    "teacher-30's histogram of the same seeds (to teacher 30); mean over captions and attributes. "
+                    "Lower is better; the real-data row is the sampling floor."),
+    ("precision_data", "- Precision / recall (Kynkaanniemi et al. 2019, k-NN manifolds, k = 5, in the classifier's "
+                       "features): fidelity (share of the images on the reference's manifold) and diversity (share "
+                       "of the reference on theirs), against real renders of the captions and the teacher-30 images."),
     ("shapes_fd_teacher", "- shapes-FD to teacher 30: Frechet distance in shapes-classifier features to the "
-                            "teacher's 30-step images (same prompts, same seeds): closeness to the teacher."),
+                          "teacher's 30-step images (same prompts, same seeds): closeness to the teacher."),
     ("shapes_fd_data", "- shapes-FD to data: the same distance to real shapes images rendered for the same captions "
                        "(the cleaner reference: sample quality against the data itself)."),
 )
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
-    columns = [c for c in COLUMNS if any(row.get(c[1]) is not None for row in rows)]
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]] = COLUMNS, prefix: str = "") -> str:
+    """A markdown table: one line per row that has a value in some column, the columns where some row has one."""
+    columns = [c for c in columns if any(row.get(prefix + c[1]) is not None for row in rows)]
+    rows = [row for row in rows if any(row.get(prefix + key) is not None for _, key, _ in columns)]
     lines = ["| configuration | " + " | ".join(c[0] for c in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     for row in rows:
-        cells = [fmt.format(row[key]) if row.get(key) is not None else "" for _, key, fmt in columns]
+        cells = [fmt.format(row[prefix + key]) if row.get(prefix + key) is not None else "" for _, key, fmt in columns]
         lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -366,12 +421,17 @@ def report_markdown(report: dict) -> str:
         "",
         markdown_table(report["configurations"]),
         "",
+        *[line for form, title in CAPTION_FORMS if any(f"{form}/adherence" in row for row in report["configurations"])
+          for line in (f"Shapes lab, {title}:", "", markdown_table(report["configurations"], SHAPES_COLUMNS,
+                                                                    f"{form}/"), "")],
         "- NFE: network passes per image; a guided teacher pass counts twice (Heun: 2 x (2N - 1)), a student "
         "step once.",
         "- Latency: wall time of whole batches (text encoding + sampling + decoding; PNG writing excluded), "
         "synchronised, after an untimed warm-up batch; s / image and images / s over all images.",
         "- Speed-up: teacher-30 latency per image over this one (measured), and the NFE ratio.",
-        *[line for key, line in LEGEND if any(row.get(key) is not None for row in report["configurations"])],
+        *[line for key, line in LEGEND if any(row.get(key) is not None or any(row.get(f"{form}/{key}") is not None
+                                                                             for form, _ in CAPTION_FORMS)
+                                              for row in report["configurations"])],
         *[f"- Note: {note}" for note in report["notes"]],
         "",
     ])
@@ -431,7 +491,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     clip, note = clip_scores(images, prompts, args.clip_model, device, args.batch_size)
     fds, fd_note = inception_fds(images, reference, {c.name: os.path.join(args.out, c.folder) for c in configs}, device)
-    shape_scores, shapes_note = shapes_metrics(images, prompts, args.seed, reference) if preset.shapes_world \
+    data = real_renders(prompts, args.seed) if preset.shapes_world else None
+    shape_scores, shapes_note = shapes_metrics(images, prompts, data, reference) if preset.shapes_world \
         else ({}, None)
     notes += [n for n in (note, fd_note, shapes_note) if n]
     for row in rows:
@@ -442,7 +503,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         rows.append(dict(name=DATA, kind="data", **shape_scores[DATA]))
 
     save_grid(os.path.join(args.out, "grid.png"),
-              [(f"{c.label}\n{steps_label(c.steps)}\n{c.nfe} NFE", images[c.name]) for c in configs], prompts, args.grid_rows)
+              [(f"{c.label}\n{steps_label(c.steps)}\n{c.nfe} NFE", images[c.name]) for c in configs], prompts,
+              args.grid_rows)
+    if data is not None:
+        partial_caption_grid(os.path.join(args.out, "grid_partial.png"), {"real data": data, **images}, prompts)
     settings = dict(preset=preset.name, teacher=args.teacher or preset.teacher or "random (seed 0)",
                     students=student_settings, prompts=source, num_prompts=len(prompts), seed=args.seed,
                     batch_size=args.batch_size, device=str(device),
@@ -457,7 +521,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, nargs="+", default=[4], help="student steps, one or several")
-    parser.add_argument("--num-prompts", type=int, default=200, help="the first N prompts of the prompt list")
+    parser.add_argument("--num-prompts", type=int, default=200, help="the first N prompts of the prompt list (the "
+                        "shapes world: N full captions)")
+    parser.add_argument("--partial-captions", type=int, help="the shapes world: partial captions after the full ones "
+                        "(default: a tenth of --num-prompts)")
+    parser.add_argument("--seeds-per-caption", type=int, default=16, help="the shapes world: seeds (images) of each "
+                        "partial caption, for the coverage of what it omits")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="image i uses noise seed SEED + i (and, on the tiny "
                         "preset, SEED also draws the default captions)")
@@ -489,6 +558,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.clip_model = DEFAULT_CLIP if args.preset == MICRODIT_XL_512.name else "none"
     args.steps, args.teacher_steps = list(dict.fromkeys(args.steps)), list(dict.fromkeys(args.teacher_steps))
     args.compare_teacher = args.compare_teacher or bool(args.teacher_steps)
+    args.partial_captions = args.num_prompts // 10 if args.partial_captions is None else args.partial_captions
+    if args.partial_captions < 0 or args.seeds_per_caption < 2:
+        raise UserError("--partial-captions must be >= 0 and --seeds-per-caption >= 2")
     if min(args.steps + args.teacher_steps) < 1 or args.num_prompts < 1 or args.batch_size < 1 or args.grid_rows < 1:
         raise UserError("--steps, --teacher-steps, --num-prompts, --batch-size and --grid-rows must be >= 1")
     if args.seed < 0:
@@ -502,7 +574,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     report = run_benchmark(args)
     print(report_markdown(report))
-    print(f"images, grid.png, report.json and report.md in {args.out}", file=sys.stderr)
+    print(f"images, grid.png, grid_partial.png (shapes), report.json and report.md in {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -405,7 +405,7 @@ TINY = Preset(
     teacher_hint="weights/tiny_teacher.safetensors ships with the project; `python train_teacher.py` rebuilds it",
     edm_config=EDMConfig(sigma_data=shapes.PIXEL_STD, P_mean=0.5, P_std=1.5),
     teacher="weights/tiny_teacher.safetensors",
-    prompt_source=lambda num, seed: shapes.captions(shapes.sample_attributes(num, seed)),
+    prompt_source=shapes.stream_captions,
     shapes_world=True,
 )
 

@@ -569,9 +569,11 @@ def print_result(args: argparse.Namespace, result: dict) -> None:
     print(f"done: step {result['step']}, loss {result['loss']:.4g}, {timing}; wrote {result['student']}"
           + "".join(f" and {path}" for path in extra))
     val = result["val"] or {}
-    if "adherence/teacher" in val:
-        print(f"adherence on {args.val_samples} validation captions: teacher {val['adherence/teacher']:.3f}"
-              + "".join(f", student {steps_label(k)} {val[f'adherence/{k}']:.3f}" for k in VAL_STUDENT_STEPS))
+    for name, what in (("full/adherence", "adherence, full captions"), ("partial/adherence", "partial captions"),
+                       ("partial/coverage_tv", "coverage TV of what they omit (lower is better)")):
+        if f"{name}/teacher" in val:
+            print(f"{what}: teacher {val[f'{name}/teacher']:.3f}"
+                  + "".join(f", student {steps_label(k)} {val[f'{name}/{k}']:.3f}" for k in VAL_STUDENT_STEPS))
     grid = os.path.join(args.out_dir, VAL_DIR, f"step_{result['step']:06d}.png")
     print(f"pictures: {grid} (teacher | student {' | '.join(map(str, VAL_STUDENT_STEPS))} steps); curves: "
           f"{os.path.join(args.out_dir, 'val_metrics.png')}, {os.path.join(args.out_dir, 'training_loss.png')}")

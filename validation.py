@@ -2,9 +2,10 @@
 
 `Validator`: fixed prompts and seeds; the teacher's images at its own sampler (rendered once, cached in
 OUT_DIR/val/teacher.pt), the student's at VAL_STUDENT_STEPS, one labelled grid per call and, on the shapes world,
-`shapes.score` of each image set: adherence, acc_<attribute>, one_object, shapes_fd_data (to real images of the
-captions) and shapes_fd_teacher (to the teacher's images of the same prompts and seeds). `plot_curves` draws
-training_loss.png and val_metrics.png from the run's jsonl logs.
+`shapes.score_by_form` of each image set, full and partial captions apart: adherence, coverage of what partial
+captions omit, precision / recall / shapes-FD against real images of the captions ("data") and against the
+teacher's images of the same prompts and seeds ("teacher"). `plot_curves` draws training_loss.png and
+val_metrics.png from the run's jsonl logs.
 """
 import os
 import sys
@@ -19,8 +20,13 @@ from sampler import consistency_sample, generate_images, load_prompts, multistep
 from utils import UserError, atomic_write, load_torch_file, read_jsonl, save_grid
 
 VAL_STUDENT_STEPS = (1, 2, 4)
+VAL_SEEDS_PER_CAPTION = 8  # seeds of each partial validation caption: its spread over what it omits
 VAL_DIR, LOG_FILE, VAL_LOG_FILE = "val", "log.jsonl", "val_metrics.jsonl"  # in the run's folder
-PLOTTED = ("adherence", "shapes_fd_data", "shapes_fd_teacher")  # the panels of val_metrics.png
+PLOTTED = (  # the panels of val_metrics.png and their y axes
+    ("full/adherence", "share of images"), ("partial/adherence", "share of images"),
+    ("partial/coverage_tv", "total variation to the world"), ("partial/recall_data", "share of real images"),
+    ("full/shapes_fd_teacher", "Frechet distance (classifier features)"),
+    ("partial/shapes_fd_teacher", "Frechet distance (classifier features)"))
 
 
 def steps_label(k: int) -> str:
@@ -31,36 +37,42 @@ def steps_label(k: int) -> str:
 def validation_prompts(pipe: Pipeline, num: int, seed: int,
                        prompts: Optional[str | Sequence[str]]) -> tuple[list[str], Optional[torch.Tensor]]:
     """(num prompts, real images (num, 3, H, W) in [0, 1] or None): the shapes world's held-out captions of stream
-    `seed` with their real images, unless `prompts` (a prompt file or a list) is given, which is cycled."""
+    `seed` (`shapes.lab_prompts`: full captions, then a quarter of num as partial captions with
+    VAL_SEEDS_PER_CAPTION seeds each) with real renders of them, unless `prompts` (a prompt file or a list) is
+    given, which is cycled."""
     if pipe.preset.shapes_world and not prompts:
-        real, attrs = shapes.sample(num, seed)
-        return shapes.captions(attrs), (real + 1) / 2
+        num_partial = num // 4 // VAL_SEEDS_PER_CAPTION
+        lab = shapes.lab_prompts(num - num_partial * VAL_SEEDS_PER_CAPTION, num_partial, VAL_SEEDS_PER_CAPTION, seed)
+        return lab, (shapes.render_captions(lab, seed)[0] + 1) / 2
     listed = load_prompts(prompts) if isinstance(prompts, str) else list(prompts)
     return [listed[i % len(listed)] for i in range(num)], None
 
 
 class Validator:
     """Renders and scores the validation set, the teacher at `teacher_steps` Heun steps; `validator(step, student)`
-    writes OUT_DIR/val/step_XXXXXX.png (teacher | student 1 | 2 | 4 steps, rows captioned) and returns the metrics
-    {"<name>/<k>": value, and the teacher's as "<name>/teacher"} (empty outside the shapes world or without the
-    shapes classifier)."""
+    writes OUT_DIR/val/step_XXXXXX.png (teacher | student 1 | 2 | 4 steps, rows captioned: the first full captions,
+    then seeds of one partial caption) and returns the metrics {"<form>/<name>/<k>": value, and the teacher's as
+    "<form>/<name>/teacher"} (empty outside the shapes world or without the shapes classifier)."""
 
     def __init__(self, pipe: Pipeline, out_dir: str, prompts: Sequence[str], seeds: Sequence[int],
                  real: Optional[torch.Tensor], guidance: float, w_conditioned: bool, batch_size: int,
                  grid_rows: int, teacher_file: Optional[str], teacher_steps: int):
         self.pipe, self.prompts, self.seeds, self.teacher_steps = pipe, list(prompts), list(seeds), teacher_steps
         self.guidance, self.w_conditioned, self.batch_size = guidance, w_conditioned, batch_size
-        self.folder, self.grid_rows = os.path.join(out_dir, VAL_DIR), grid_rows
+        self.folder = os.path.join(out_dir, VAL_DIR)
+        partial = shapes.split_by_form(self.prompts).get("partial", []) if real is not None else []
+        shown = min(len(partial), grid_rows // 2)
+        self.grid_index = list(range(grid_rows - shown)) + partial[:shown]
         self.teacher_images = self.render_teacher(teacher_file)
         self.scored = real is not None and os.path.isfile(shapes.DEFAULT_CLASSIFIER)
         if real is not None and not self.scored:
             print(f"warning: no shapes classifier at {shapes.DEFAULT_CLASSIFIER}: validation metrics skipped "
                   "(python shapes.py train-classifier)", file=sys.stderr)
         self.references, self.teacher_metrics = {}, {}
-        if self.scored:  # classifier features of the fixed sets, computed once for every validation
-            self.references = {"data": shapes.shapes_features(real)}
-            self.teacher_metrics = shapes.score(self.teacher_images, self.prompts, self.references)
-            self.references["teacher"] = shapes.shapes_features(self.teacher_images)
+        if self.scored:  # classifier readings of the fixed sets, made once for every validation
+            self.references = {shapes.DATA_REFERENCE: shapes.reference_set(real)}
+            self.teacher_metrics = shapes.score_by_form(self.teacher_images, self.prompts, self.references)
+            self.references["teacher"] = shapes.reference_set(self.teacher_images)
 
     def render_teacher(self, teacher_file: Optional[str]) -> torch.Tensor:
         """The teacher's images of the validation set, (N, 3, H, W) in [0, 1], from the cache if it matches."""
@@ -86,7 +98,7 @@ class Validator:
 
     @torch.no_grad()
     def __call__(self, step: int, student: torch.nn.Module) -> dict[str, float]:
-        columns = [(f"teacher\n{steps_label(self.teacher_steps)}", to_uint8(self.teacher_images[:self.grid_rows]))]
+        columns = [(f"teacher\n{steps_label(self.teacher_steps)}", to_uint8(self.teacher_images[self.grid_index]))]
         metrics = {}
         for k in VAL_STUDENT_STEPS:
             def sample_fn(noise: torch.Tensor, y: torch.Tensor, seeds: list[int]) -> torch.Tensor:
@@ -96,12 +108,13 @@ class Validator:
 
             images = generate_images(self.pipe, self.prompts, self.seeds, batch_size=self.batch_size,
                                      sample_fn=sample_fn)["images"]
-            columns.append((f"student\n{steps_label(k)}", to_uint8(images[:self.grid_rows])))
+            columns.append((f"student\n{steps_label(k)}", to_uint8(images[self.grid_index])))
             if self.scored:
-                scores = shapes.score(images, self.prompts, self.references)
+                scores = shapes.score_by_form(images, self.prompts, self.references)
                 metrics.update({f"{name}/{k}": v for name, v in scores.items()})
         metrics.update({f"{name}/teacher": v for name, v in self.teacher_metrics.items()})
-        save_grid(os.path.join(self.folder, f"step_{step:06d}.png"), columns, self.prompts)
+        save_grid(os.path.join(self.folder, f"step_{step:06d}.png"), columns,
+                  [f"{self.prompts[i]} (seed {self.seeds[i]})" for i in self.grid_index])
         return metrics
 
 
@@ -131,17 +144,20 @@ def plot_curves(out_dir: str) -> None:
         ax.legend()
         save(fig, "training_loss.png")
     val = read_jsonl(os.path.join(out_dir, VAL_LOG_FILE))
-    names = [name for name in PLOTTED if any(f"{name}/{k}" in r for r in val for k in VAL_STUDENT_STEPS)]
-    if names:
-        fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.8), squeeze=False)
-        for ax, name in zip(axes[0], names):
+    panels = [(name, unit) for name, unit in PLOTTED if any(f"{name}/{k}" in r for r in val for k in VAL_STUDENT_STEPS)]
+    if panels:
+        cols = min(3, len(panels))
+        rows = -(-len(panels) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.8 * rows), squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for ax, (name, unit) in zip(axes.flat, panels):
             for k in VAL_STUDENT_STEPS:
                 points = [(r["step"], r[f"{name}/{k}"]) for r in val if f"{name}/{k}" in r]
                 ax.plot(*zip(*points), marker="o", label=f"student {steps_label(k)}")
             teacher = [r[f"{name}/teacher"] for r in val if f"{name}/teacher" in r]
             if teacher:
                 ax.axhline(teacher[-1], color="k", ls="--", label="teacher")
-            ax.set(title=name, xlabel="optimizer step", ylabel="share of images" if name == "adherence" else
-                   "Frechet distance (classifier features)")
+            ax.set(title=name.replace("/", " captions: "), xlabel="optimizer step", ylabel=unit)
             ax.legend(fontsize=8)
         save(fig, "val_metrics.png")

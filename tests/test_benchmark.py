@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 import benchmark
 import shapes
-from benchmark import DATA, PARTI_URL, clip_scores, get_prompts, main, parse_args, run_benchmark, shapes_metrics
+from benchmark import (DATA, PARTI_URL, clip_scores, get_prompts, main, parse_args, partial_caption_grid, real_renders,
+                       run_benchmark, shapes_metrics)
 from pipeline import GUIDANCE_FILE, STUDENT_FILE, build_dit, get_preset
 from sampler import to_uint8
 from utils import UserError, run_cli
@@ -150,9 +151,10 @@ def test_prompt_files(files, tmp_path):
         assert get_prompts(args, preset) == (texts[:2], str(tmp_path / name))
     tsv = parse_args(["--prompts-file", files["tsv"]])
     assert get_prompts(tsv, preset)[0] == [p.replace("\t", " ") for p in PROMPTS]
-    tiny = parse_args(["--num-prompts", "3", "--seed", "7"])
-    assert get_prompts(tiny, get_preset("tiny")) == (shapes.captions(shapes.sample_attributes(3, 7)),
-                                                     "the tiny preset's prompts, seed 7")
+    tiny = parse_args(["--num-prompts", "3", "--seed", "7", "--partial-captions", "2", "--seeds-per-caption", "3"])
+    assert get_prompts(tiny, get_preset("tiny")) == (shapes.lab_prompts(3, 2, 3, 7), "the shapes lab's captions "
+                                                     "of stream 7: 3 full, 2 partial x 3 seeds")
+    assert parse_args(["--num-prompts", "1000"]).partial_captions == 100
 
     (tmp_path / "bad.tsv").write_text("Text\tCategory\nx\ty\n")
     (tmp_path / "empty.txt").write_text("")
@@ -206,26 +208,37 @@ def test_partiprompts_from_working_directory_cache_or_one_download(files, tmp_pa
     assert get_prompts(args, get_preset("tiny-random")) == (["local one", "local two"], "PartiPrompts.tsv")
     prompts, source = get_prompts(parse_args(["--preset", "tiny", "--num-prompts", "3", "--seed", "5"]),
                                   get_preset("tiny"))
-    assert prompts == shapes.captions(shapes.sample_attributes(3, 5)) and "tiny" in source and len(downloads) == 3
+    assert prompts == shapes.captions(shapes.sample_attributes(3, 5)) and "shapes lab" in source and len(downloads) == 3
 
 
-@pytest.mark.filterwarnings("ignore:Matrix is singular")  # 6 images in 128-d features
-def test_shapes_metrics(monkeypatch):
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # a dozen images in 130-d features
+def test_shapes_metrics_and_partial_grid(monkeypatch, tmp_path):
     torch.manual_seed(0)
     monkeypatch.setattr(shapes, "load_classifier", lambda: shapes.ShapesClassifier().eval())
-    real, attrs = shapes.sample(6, seed=4)
-    prompts = shapes.captions(attrs)
-    teacher, student = to_uint8((real + 1) / 2), to_uint8(torch.rand(6, 3, 32, 32))
-    metrics, note = shapes_metrics({"teacher 30 steps": teacher, "s 1 step": student}, prompts, 4, "teacher 30 steps")
+    prompts = shapes.lab_prompts(6, 2, 4, seed=4)  # 6 full captions, then 2 partial ones x 4 seeds
+    data = real_renders(prompts, 4)
+    assert np.array_equal(data[:6], to_uint8((shapes.sample(6, 4)[0] + 1) / 2))
+    teacher, student = data.copy(), to_uint8(torch.rand(len(prompts), 3, 32, 32))
+    metrics, note = shapes_metrics({"teacher 30 steps": teacher, "s 1 step": student}, prompts, data,
+                                   "teacher 30 steps")
     assert note is None and set(metrics) == {DATA, "teacher 30 steps", "s 1 step"}
-    assert metrics["teacher 30 steps"]["shapes_fd_data"] == pytest.approx(0, abs=1e-6)  # the data itself
-    scores = {"adherence", "one_object", *(f"acc_{a}" for a in shapes.ATTRIBUTES)}  # shapes.score's names
-    assert set(metrics[DATA]) == scores | {"shapes_fd_teacher"}
-    assert set(metrics["s 1 step"]) == scores | {"shapes_fd_teacher", "shapes_fd_data"}
-    assert metrics["s 1 step"]["shapes_fd_data"] > 1e-3
-    assert metrics[DATA]["adherence"] == metrics["teacher 30 steps"]["adherence"]
-    metrics, note = shapes_metrics({"s 1 step": student}, PROMPTS[:6], 4, "teacher 30 steps")
-    assert metrics == {} and note.startswith("shapes metrics: skipped, caption 'a red cube on a table'")
+    assert metrics["teacher 30 steps"]["full/shapes_fd_data"] == pytest.approx(0, abs=1e-6)  # the data itself
+    assert metrics["teacher 30 steps"]["partial/coverage_tv_data"] == 0
+    for form in ("full", "partial"):
+        assert {f"{form}/adherence", f"{form}/sharp", f"{form}/precision_data", f"{form}/recall_teacher",
+                f"{form}/shapes_fd_teacher"} <= set(metrics["s 1 step"])
+        assert f"{form}/shapes_fd_data" not in metrics[DATA] and f"{form}/shapes_fd_teacher" in metrics[DATA]
+    assert {"partial/coverage_tv", "partial/coverage_tv_teacher"} <= set(metrics["s 1 step"])
+    assert "full/coverage_tv" not in metrics["s 1 step"] and metrics["s 1 step"]["full/shapes_fd_data"] > 1e-3
+    assert real_renders(PROMPTS[:6], 4) is None
+    metrics, note = shapes_metrics({"s 1 step": student[:6]}, PROMPTS[:6], None, "teacher 30 steps")
+    assert metrics == {} and note == "shapes metrics: skipped, the prompts are not shapes-world captions"
+
+    columns = {"real data": data, "s 1 step": student}
+    assert partial_caption_grid(str(tmp_path / "g.png"), columns, prompts, seeds=3)
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.shape[0] > 4 * 96 and grid.shape[1] > 3 * 96  # 2 captions x 2 rows, 3 seeds: 96 px cells
+    assert not partial_caption_grid(str(tmp_path / "none.png"), columns, prompts[:6])
 
 
 def test_clip_model_unavailable(monkeypatch):
