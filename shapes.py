@@ -4,14 +4,17 @@ Images are 32x32 RGB renderings of one shape on a plain background, captioned by
 
     "a {size} {color} {shape} at the {position} on a {background} background"
 
-e.g. "a small red circle at the top left on a blue background". The stream is infinite and deterministic:
-item `i` of stream `seed` depends only on (seed, i), never on batch size or start offset. Besides its five
-attributes each item has a small continuous jitter (position +-1 px, scale +-10%) so that every caption has
-many images.
+e.g. "a small red circle at the top left on a blue background". A partial caption drops any of "{size} ",
+"{color} ", " at the {position}" and " on a {background} background", and an omitted shape becomes the noun
+"shape" ("a red circle", "a small shape on a blue background", "a shape"): its images draw what it omits from the
+world, so "a red circle" has 9 positions x 2 sizes x 7 backgrounds as modes. The stream is infinite and
+deterministic: item `i` of stream `seed` (its attributes, jitter of position +-1 px and scale +-10%, and caption
+form in the training mix, `sample_named`) depends only on (seed, i), never on batch size or start offset.
 
-The attribute classifier (a small CNN) gives two metrics that need no download:
-- prompt adherence: share of images whose predicted attributes all match their caption;
-- shapes-FD: Frechet distance between two image sets in the classifier's penultimate feature space.
+The attribute classifier (a small CNN) gives metrics that need no download (`score`, `score_by_form`):
+- adherence: share of images whose predicted attributes match all their caption names, with one sharp object;
+- coverage: how the seeds of a partial caption spread over what it omits, against the world's distribution;
+- precision and recall (k-NN manifolds) and shapes-FD (Frechet distance) in the classifier's feature space.
 
 Image ranges: the generator (`render`, `sample`) returns training images in [-1, 1]; the metrics take
 images in [0, 1], what `Pipeline.decode` returns (map generator output with `(x + 1) / 2`).
@@ -602,7 +605,8 @@ def score(images: torch.Tensor, prompts: Sequence[str], references: Optional[dic
     features = shapes_features(images, classifier)
     sharp = blur_reading(features) < SHARP_BLUR
     metrics = {"adherence": (right.all(1) & one_object & sharp).float().mean().item(),
-               "attributes_right": acc.pop("all"), **{f"acc_{a}": v for a, v in acc.items()}, "one_object": one_object.float().mean().item(),
+               "attributes_right": acc.pop("all"), **{f"acc_{a}": v for a, v in acc.items()},
+               "one_object": one_object.float().mean().item(),
                "sharp": sharp.float().mean().item()}
     coverage = coverage_tv(predicted, prompts)  # NaN: no caption both repeats and omits an attribute
     if not math.isnan(coverage):
@@ -724,7 +728,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER)
     p.add_argument("--seed", type=int, default=1000, help="held-out stream seed")
     p.add_argument("--n", type=int, default=1000, help="images per set")
-    p = sub.add_parser("preview", help="PNG grid of generated images with their captions")
+    p = sub.add_parser("preview", help="PNG grid of generated images with their captions (the training mix)")
     p.add_argument("--out", default="shapes_preview.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n", type=int, default=16)
@@ -748,8 +752,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     elif args.command == "evaluate":
         _print_metrics(evaluate(load_classifier(args.classifier), args.seed, args.n), args.n)
     elif args.command == "preview":
-        images, attrs = sample(args.n, args.seed)
-        save_grid(args.out, [(f"shapes world\nstream {args.seed}", to_uint8((images + 1) / 2))], captions(attrs))
+        images, _ = sample(args.n, args.seed)
+        save_grid(args.out, [(f"shapes world\nstream {args.seed}", to_uint8((images + 1) / 2))],
+                  stream_captions(args.n, args.seed))
         print(f"wrote {args.out}")
     elif args.command == "prompts":
         atomic_write_text(args.out, "".join(c + "\n" for c in captions(sample_attributes(args.n, args.seed))))

@@ -2,6 +2,7 @@
 
     python train_teacher.py --threads 2            # writes the `tiny` preset's teacher (weights/tiny_teacher.safetensors)
     python train_teacher.py --threads 2 --resume   # continues an interrupted or split run from its state file
+    python train_teacher.py --threads 1 --resume --partial-cycles 3   # a finished run, one more warm restart
 
 The same DiT code, EDM preconditioning and caption dropout as the real teacher; pixels are the latents (identity
 codec) and captions go through the preset's frozen, seeded text tower. The state (network, EMA, optimizer, noise
@@ -32,7 +33,8 @@ from sampler import edm_sample, initial_noise
 from utils import UserError, atomic_write, load_torch_file, run_cli
 
 HELD_OUT_OFFSET = 10**6  # held-out captions: shapes stream seed + HELD_OUT_OFFSET (training uses stream seed)
-# Options that change the trained weights: a resumed run must use the values its state was started with.
+# Options that change the trained weights: a resumed run must use the values its state was started with
+# (--partial-cycles may grow: steps before the end of its old value do not depend on it).
 SETTINGS = ("preset", "steps", "partial_steps", "batch_size", "lr", "warmup", "ema", "cap_drop", "seed")
 
 
@@ -61,9 +63,9 @@ def evaluate_teacher(dit: torch.nn.Module, encode, preset, num_full: int, num_pa
 
 def lr_factor(step: int, warmup: int, steps: int, partial_steps: int) -> float:
     """Linear warm-up, then cosine decay to zero over `steps` (a constant rate plateaus early on this small model);
-    the same again over the `partial_steps` that follow (a warm restart, Loshchilov & Hutter 2017)."""
+    the same again over each cycle of `partial_steps` that follows (warm restarts, SGDR: Loshchilov & Hutter 2017)."""
     if step >= steps:
-        step, steps = step - steps, partial_steps
+        step, steps = (step - steps) % partial_steps, partial_steps
     return min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
@@ -96,6 +98,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "in sittings with --resume)")
     parser.add_argument("--partial-steps", type=int, default=6000, help="then this many steps on the stream of full "
                         "and partial captions (shapes.sample_named), the learning rate warmed up and decayed again")
+    parser.add_argument("--partial-cycles", type=int, default=2, help="repeats of --partial-steps, each a warm "
+                        "restart of the learning rate; a finished run continues with --resume and a larger value")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
@@ -113,7 +117,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "warmup", "eval_samples", "eval_captions", "eval_seeds"):
+    for name in ("steps", "partial_cycles", "batch_size", "warmup", "eval_samples", "eval_captions", "eval_seeds"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads:
@@ -148,9 +152,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         step, curve, seconds, smooth = state["step"], state["curve"], state["seconds"], state["smooth_loss"]
         sittings = state["sittings"] + [command]
         print(f"resuming {state_path} at step {step} ({seconds / 60:.1f} min trained)")
-    total = args.steps + args.partial_steps
+    total = args.steps + args.partial_steps * args.partial_cycles
+    if step > total:
+        raise UserError(f"{state_path} is at step {step}, past the {total} steps of these settings: "
+                        f"raise --partial-cycles")
     print(f"training a {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M-parameter teacher for {args.steps} "
-          f"steps on full captions and {args.partial_steps} on full and partial ones at batch {args.batch_size} on "
+          f"steps on full captions and {args.partial_cycles} x {args.partial_steps} on full and partial ones at "
+          f"batch {args.batch_size} on "
           f"{device}, sigma_data {preset.edm_config.sigma_data}")
 
     def save_state() -> None:
@@ -196,7 +204,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     # End: the EMA teacher, its final scores on held-out captions and how it was made
     meta = {"command": sittings[0], "sittings": json.dumps(sittings), "device": str(device), "seed": str(args.seed),
-            "steps": str(args.steps), "partial_steps": str(args.partial_steps), "batch_size": str(args.batch_size),
+            "steps": str(args.steps), "partial_steps": str(args.partial_steps),
+            "partial_cycles": str(args.partial_cycles), "batch_size": str(args.batch_size),
             "train_minutes": f"{seconds / 60:.1f}",
             "torch": torch.__version__, "final_loss": f"{smooth:.5f}", "curve": json.dumps(curve),
             TEXT_FINGERPRINT_KEY: json.dumps(text_fingerprint(text))}

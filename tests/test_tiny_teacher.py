@@ -1,5 +1,5 @@
-"""The committed tiny teacher (weights/tiny_teacher.safetensors): loads, is tied to its text tower, and its
-30-step guided samples follow their captions."""
+"""The committed tiny teacher (weights/tiny_teacher.safetensors): loads, is tied to its text tower, its 30-step
+guided samples follow their captions and spread over what partial captions omit, and its single pass does not."""
 import json
 
 import pytest
@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import shapes
 from pipeline import REPO_DIR, TEXT_FINGERPRINT_KEY, TINY, load_pipeline
 from cd_utils import edm_forward
-from sampler import generate_images
+from sampler import consistency_sample, generate_images
 from utils import UserError
 
 TEACHER = f"{REPO_DIR}/{TINY.teacher}"
@@ -20,10 +20,16 @@ def test_teacher_file_records_how_it_was_made():
     with safe_open(TEACHER, "pt") as f:
         meta = f.metadata()
     assert meta["command"].startswith("train_teacher.py") and meta["seed"] == "0"
-    assert {"adherence", "shapes_fd_data", "shapes_fd_floor", "one_object", "curve", "device", "steps", "torch",
+    assert {"full/adherence", "partial/coverage_tv", "full/shapes_fd_floor", "curve", "device", "steps", "torch",
             "train_minutes", TEXT_FINGERPRINT_KEY} <= set(meta)
-    assert float(meta["adherence"]) >= 0.85  # train_teacher.py's own evaluation, 500 held-out captions: 0.858
-    assert meta["steps"] == "20000" and float(meta["shapes_fd_data"]) < 3 * float(meta["shapes_fd_floor"])  # 75, 52
+    # train_teacher.py's own evaluation, 500 held-out full captions and 100 partial ones x 16 seeds (measured:
+    # adherence 0.884, named attributes right 0.818, coverage 0.345 against the real renders' 0.207)
+    assert float(meta["full/adherence"]) >= 0.85 and float(meta["partial/attributes_right"]) >= 0.8
+    assert float(meta["partial/coverage_tv"]) <= float(meta["partial/coverage_tv_floor"]) + 0.15
+    assert meta["steps"] == "20000" and meta["partial_steps"] == "6000" and int(meta["partial_cycles"]) >= 2
+    # shapes-FD to real renders 55.8 against 3.4 between two real sets (its features see blur: the teacher's
+    # single pass, a blurred mean, reads ~1000)
+    assert float(meta["full/shapes_fd_data"]) < 30 * float(meta["full/shapes_fd_floor"])
 
 
 def test_teacher_draws_the_captioned_background():
@@ -40,18 +46,48 @@ def test_teacher_draws_the_captioned_background():
     assert error < 0.1 and error_shuffled > 5 * error  # measured: 0.054 vs ~1
 
 
-def test_teacher_samples_follow_their_captions():
-    """30 guided Heun steps on 64 held-out captions (not the training stream, seed 0): one object each, at its
-    place, in its colours, shape and size (measured: adherence 0.844, shape 0.891, size 0.938, position, colour,
-    background and one object 1.0; the 7000-step teacher before it: adherence 0.36, shape 0.52)."""
+@pytest.fixture(scope="module")
+def teacher_lab():
+    """The lab's held-out captions (stream 4242, not the training stream 0: 64 full, 12 partial x 8 seeds), real
+    renders of them, and the teacher's images of them: 30 guided Heun steps, and one pass from sigma_max used as
+    a consistency sampler (the mean of what the caption allows)."""
     pipe = load_pipeline("tiny")
-    attrs = shapes.sample_attributes(64, seed=4242)
-    prompts = shapes.captions(attrs)
-    images = generate_images(pipe, prompts, list(range(64)), TINY.num_steps, TINY.guidance_scale, batch_size=64)
-    scores = shapes.score(images["images"], prompts)
-    assert scores["adherence"] >= 0.78 and scores["one_object"] >= 0.95, scores
-    assert scores["acc_position"] >= 0.95 and scores["acc_color"] >= 0.95 and scores["acc_background"] >= 0.95, scores
-    assert scores["acc_shape"] >= 0.8 and scores["acc_size"] >= 0.85, scores  # chance: 0.2 and 0.5
+    prompts = shapes.lab_prompts(64, 12, 8, seed=4242)
+    seeds = list(range(len(prompts)))
+    teacher_30 = generate_images(pipe, prompts, seeds, TINY.num_steps, TINY.guidance_scale, len(prompts))["images"]
+
+    def one_pass(noise, y, batch_seeds):
+        return consistency_sample(pipe.dit, noise, y, num_steps=1, edm_config=pipe.edm_config)
+
+    teacher_1 = generate_images(pipe, prompts, seeds, batch_size=len(prompts), sample_fn=one_pass)["images"]
+    references = {shapes.DATA_REFERENCE: shapes.reference_set((shapes.render_captions(prompts, 4242)[0] + 1) / 2)}
+    return (shapes.score_by_form(teacher_30, prompts, references),
+            shapes.score_by_form(teacher_1, prompts, references))
+
+
+def test_teacher_samples_follow_their_captions(teacher_lab):
+    """30 guided Heun steps: one sharp object each, at its place, in its colours, shape and size; on partial
+    captions what is named is drawn and what is omitted spreads over the world's values (measured: full adherence
+    0.891, shape and size 0.953, the rest 1.0, one object 0.984; partial: named attributes right 0.771, coverage
+    0.443 against 0.257 for 8 real renders per caption and 0.626 for the teacher's single pass)."""
+    full, partial = ({k.split("/", 1)[1]: v for k, v in teacher_lab[0].items() if k.startswith(form)}
+                     for form in ("full/", "partial/"))
+    assert full["adherence"] >= 0.78 and full["one_object"] >= 0.95 and full["sharp"] >= 0.95, full
+    assert full["acc_position"] >= 0.95 and full["acc_color"] >= 0.95 and full["acc_background"] >= 0.95, full
+    assert full["acc_shape"] >= 0.8 and full["acc_size"] >= 0.85, full  # chance: 0.2 and 0.5
+    assert partial["attributes_right"] >= 0.65 and partial["coverage_tv"] < 0.55, partial
+
+
+def test_teacher_as_a_one_step_sampler_draws_the_mean(teacher_lab):
+    """One pass from sigma_max is the conditional mean: on partial captions it averages the modes (several faint
+    objects or none, blurred), far below the 30-step sampler on adherence, precision and recall (measured: 0.00
+    against 0.70, 0.00 against 0.86, 0.00 against 0.63); on full captions it is a blurred image of the one mode
+    (sharp 0.00 against 1.00) though the classifier still reads its attributes (0.92)."""
+    teacher_30, teacher_1 = teacher_lab
+    assert teacher_1["partial/adherence"] < 0.5 * teacher_30["partial/adherence"], (teacher_1, teacher_30)
+    assert teacher_1["partial/precision_data"] < 0.5 * teacher_30["partial/precision_data"], (teacher_1, teacher_30)
+    assert teacher_1["partial/recall_data"] < 0.5 * teacher_30["partial/recall_data"], (teacher_1, teacher_30)
+    assert teacher_1["full/sharp"] < 0.5, teacher_1
 
 
 def test_teacher_refuses_another_text_tower(tmp_path):

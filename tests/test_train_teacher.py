@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 import train_teacher
 from utils import UserError
 
-TINY_RUN = ["--steps", "2", "--partial-steps", "2", "--batch-size", "4", "--warmup", "2", "--eval-every", "2",
-            "--eval-captions", "4", "--eval-samples", "5", "--eval-seeds", "2", "--device", "cpu"]
+TINY_RUN = ["--steps", "2", "--partial-steps", "2", "--partial-cycles", "1", "--batch-size", "4", "--warmup", "2",
+            "--eval-every", "2", "--eval-captions", "4", "--eval-samples", "5", "--eval-seeds", "2", "--device", "cpu"]
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, one_thread):
@@ -31,6 +31,21 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, one_thread):
     assert {f"{form}/{m}" for form in ("full", "partial")
             for m in ("adherence", "one_object", "sharp", "shapes_fd_data", "shapes_fd_floor")} <= set(meta_b)
     assert {"partial/coverage_tv", "partial/coverage_tv_floor", "device", "train_minutes", "partial_steps"} <= set(meta_b)
+
+
+def test_finished_run_continues_with_more_cycles(tmp_path, one_thread):
+    """A run finished with one cycle of partial steps, resumed with two, equals a run started with two: the
+    learning rate restarts at the end of each cycle whatever their number."""
+    whole, grown = str(tmp_path / "whole.safetensors"), str(tmp_path / "grown.safetensors")
+    train_teacher.main(TINY_RUN + ["--out", whole, "--partial-cycles", "2"])
+    train_teacher.main(TINY_RUN + ["--out", grown, "--partial-cycles", "1"])
+    one_cycle = load_file(grown)
+    train_teacher.main(TINY_RUN + ["--out", grown, "--partial-cycles", "2", "--resume"])
+    a, b = load_file(whole), load_file(grown)
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], one_cycle[k]) for k in a)
+    assert [train_teacher.lr_factor(s, 1, 2, 2) for s in range(6)] == [1.0, 0.5, 1.0, 0.5, 1.0, 0.5]
+    with pytest.raises(UserError, match="past the 4 steps"):
+        train_teacher.main(TINY_RUN + ["--out", grown, "--partial-cycles", "1", "--resume"])
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, one_thread):
