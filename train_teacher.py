@@ -1,8 +1,8 @@
 """Train the embedded default's teacher: a tiny MicroDiT on the shapes world, with MicroDiT's own EDM loss.
 
-    python train_teacher.py --threads 2            # writes the `tiny` preset's teacher (weights/tiny_teacher.safetensors)
-    python train_teacher.py --threads 2 --resume   # continues an interrupted or split run from its state file
-    python train_teacher.py --threads 1 --resume --partial-cycles 3   # a finished run, one more warm restart
+    python train_teacher.py --threads 2           # the `tiny` preset's teacher (weights/tiny_teacher.safetensors)
+    python train_teacher.py --threads 2 --resume  # continues an interrupted or split run from its state file
+    python train_teacher.py --resume --partial-cycles 4   # a finished run, one more warm restart
 
 The same DiT code, EDM preconditioning and caption dropout as the real teacher; pixels are the latents (identity
 codec) and captions go through the preset's frozen, seeded text tower. The state (network, EMA, optimizer, noise
@@ -98,7 +98,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "in sittings with --resume)")
     parser.add_argument("--partial-steps", type=int, default=6000, help="then this many steps on the stream of full "
                         "and partial captions (shapes.sample_named), the learning rate warmed up and decayed again")
-    parser.add_argument("--partial-cycles", type=int, default=2, help="repeats of --partial-steps, each a warm "
+    parser.add_argument("--partial-cycles", type=int, default=3, help="repeats of --partial-steps, each a warm "
                         "restart of the learning rate; a finished run continues with --resume and a larger value")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
