@@ -6,6 +6,7 @@ and dtypes only, torch's FakeTensorMode), so the 1.16B-parameter MicroDiT_XL_2 i
     python bench_memory.py --preset tiny --lora-rank 0 8 --batch-size 32 64
     python bench_memory.py --dtype fp32 --precision fp32 --lora-rank 32 --batch-size 1 2   # train.py on the CPU
     python bench_memory.py --dmd                            # + the full student of the one-step recipe (DMD)
+    python bench_memory.py --scm                            # + the full students of --recipe scm and rcm
 
 Counted, by default in the dtypes of a GPU run (teacher --dtype bf16, --precision bf16 autocast):
 - weights and state: the teacher; a full student's fp32 weights, gradients, AdamW moments, EMA target and slow
@@ -18,12 +19,17 @@ Counted, by default in the dtypes of a GPU run (teacher --dtype bf16, --precisio
   autocast bf16 copies of fp32 weights). Attention is counted as the fused kernels keep it (q, k, v, output,
   logsumexp), not as the T x T matrix of the math path. With gradient checkpointing: what is kept outside the
   blocks, every block's input, and the largest block's saved tensors (the backward recomputes one at a time).
+- with --scm (train.py --recipe scm / rcm): no EMA target (theta^- is the online student), the student's forward
+  kept for its backward as in CD, and for the forward-mode JVP (--jvp forward) the math SDPA path's attention
+  scores and probabilities with their tangents in the widest block, per sample (`jvp_attention_bytes`); the
+  finite-difference JVP runs two no-grad forwards with the fused kernels (not counted, as the teacher's).
 Not counted: the CUDA context and allocator slack (~0.5-1 GiB), the no-grad working memory of the teacher's
 guided passes (batch 2B) and the target's, and the backward's transient gradients: leave room for them.
 CPU autocast stands in for CUDA's: matmuls run in bf16 on both, but CUDA's LayerNorm outputs fp32 where the CPU's
 keeps its input dtype, so the residual stream's normalised copies may count up to twice here.
 """
 import argparse
+from typing import Optional
 from unittest import mock
 
 import torch
@@ -32,7 +38,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import microdit
 from lora import add_adapters
 from pipeline import DTYPES, PRESETS, get_preset
-from train import state_bytes
+from recipes import state_bytes
 from utils import run_cli
 
 GIB = 2**30
@@ -101,10 +107,21 @@ def saved_bytes(net, dit, preset_name: str, batch: int, precision: str = "bf16")
     return outside[0], inside, inputs
 
 
+def jvp_attention_bytes(dit: torch.nn.Module, preset_name: str, precision: str) -> int:
+    """Per sample, what a forward-mode JVP on the math SDPA path holds at once in the widest self-attention: the
+    scores and the probabilities (H, T, T), each with its tangent, in the autocast dtype (a transient of the no-grad
+    JVP, on top of the student's saved activations; T = the image tokens)."""
+    preset = get_preset(preset_name)
+    tokens = (preset.latent_shape[1] // preset.dit_kwargs.get("patch_size", 2)) ** 2
+    heads = max(m.qkv.out_features // 3 // m.head_dim for m in dit.modules() if isinstance(m, microdit.SelfAttention))
+    return 4 * heads * tokens**2 * (2 if precision == "bf16" else 4)
+
+
 def memory_row(preset_name: str, lora_rank: int, teacher_dtype: torch.dtype, checkpointing: bool,
-               precision: str = "bf16", dmd: bool = False) -> dict:
+               precision: str = "bf16", dmd: bool = False, scm: Optional[str] = None) -> dict:
     """GiB of the persistent state, the fixed activations and the activations per sample of one configuration
-    (`dmd`: with the fake denoiser of train.py --dmd-weight, see the module docstring)."""
+    (`dmd`: with the fake denoiser of train.py --dmd-weight; `scm`: train.py --recipe scm with --jvp `scm`, no EMA
+    target and, for 'forward', the JVP's attention matrices per sample; see the module docstring)."""
     net, dit, trained, base = meta_student(preset_name, lora_rank, teacher_dtype)
     with FakeTensorMode(allow_non_fake_inputs=True):
         dit.to_empty(device="cpu")  # fake tensors in place of the meta ones (the same Parameter objects)
@@ -113,13 +130,16 @@ def memory_row(preset_name: str, lora_rank: int, teacher_dtype: torch.dtype, che
             outside, inside, inputs = saved_bytes(net, dit, preset_name, batch, precision)
             counts.append(outside + (sum(inputs) + max(inside) if checkpointing else sum(inside)))
     per_sample = counts[1] - counts[0]
-    weights = state_bytes(base, trained, teacher_dtype, averages=2)  # with the EMA target and the slow EMA
+    jvp = jvp_attention_bytes(dit, preset_name, precision) if scm == "forward" else 0
+    weights = state_bytes(base, trained, teacher_dtype, averages=1 if scm else 2)  # EMA target (not sCM), slow EMA
     if dmd:
         weights += state_bytes(0, base, teacher_dtype, averages=0)  # the fake: an fp32 copy trained with AdamW
-    kind = (f"LoRA rank {lora_rank}" if lora_rank else "full") + (" + DMD" if dmd else "")
+    kind = (f"LoRA rank {lora_rank}" if lora_rank else "full") + (f" sCM ({scm} JVP)" if scm else "") \
+        + (" + DMD" if dmd else "")
     copies = 2 if dmd else 1  # DMD's backward keeps two forwards of full-size networks (module docstring)
     return dict(student=kind, checkpointing=checkpointing, trained=trained, weights_gib=weights / GIB,
-                fixed_gib=copies * (counts[0] - per_sample) / GIB, per_sample_gib=copies * per_sample / GIB)
+                fixed_gib=copies * (counts[0] - per_sample) / GIB,
+                per_sample_gib=max(copies * per_sample, per_sample + jvp) / GIB)  # DMD's backward comes after sCM's
 
 
 def total_gib(row: dict, batch: int) -> float:
@@ -136,12 +156,17 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, nargs="+", default=[0, 8, 32], help="0: the full student")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--dmd", action="store_true", help="also count the full student with the DMD fake denoiser")
+    parser.add_argument("--scm", action="store_true", help="also count the full student of --recipe scm (both "
+                        "--jvp) and rcm (sCM + DMD, forward JVP)")
     args = parser.parse_args()
 
     rows = [memory_row(args.preset, rank, DTYPES[args.dtype], ckpt, args.precision) for rank in args.lora_rank
             for ckpt in (False, True)]
     rows += [memory_row(args.preset, 0, DTYPES[args.dtype], ckpt, args.precision, dmd=True)
              for ckpt in (False, True)] if args.dmd else []
+    rows += [memory_row(args.preset, 0, DTYPES[args.dtype], ckpt, args.precision, dmd=dmd, scm=jvp)
+             for jvp, dmd in (("forward", False), ("finite-difference", False), ("forward", True))
+             for ckpt in (False, True)] if args.scm else []
     print(f"{args.preset}, teacher {args.dtype}, precision {args.precision}: GiB counted by bench_memory.py")
     print("| student | grad ckpt | trained params | weights + state | fixed act. | act. / sample | "
           + " | ".join(f"total, batch {b}" for b in args.batch_size) + " |")

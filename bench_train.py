@@ -5,24 +5,27 @@ device's memory runs out: seconds per step, samples/s, FLOPs, MFU and peak memor
         --batch-size 8 16 32 64          # part of bench_gpu.sh
     python bench_train.py --preset tiny-random --batch-size 2 4                  # a check on the CPU
 
-The networks and the recipe are train.py's (`train.make_networks`, `train.cd_config_from_args` with the default
-recipe); the batches are random latents and caption embeddings of the preset's shapes (the speed does not depend on
-them). One step = `cd_loss` (the guided teacher ODE step, Heun by default; the EMA target; the student's forward)
-under the --precision autocast, its backward, gradient clipping, AdamW and the EMA updates. FLOPs: torch's
+The networks, the flags and the step are train.py's (`train.parse_args` with --recipe, `recipes.make_networks`,
+`recipes.accumulate_gradients`); the batches are random latents and caption embeddings of the preset's shapes (the
+speed does not depend on them). One step = the recipe's losses (default: `cd_loss`, the guided teacher ODE step,
+Heun; the EMA target; the student's forward) under the --precision autocast, their backward, gradient clipping,
+AdamW and the EMA updates. FLOPs: torch's
 FlopCounterMode over one whole step (recomputation included with --grad-checkpointing); MFU = FLOPs / step time /
 --peak-tflops.
 Peak memory: CUDA's max_memory_allocated per batch size, or the process's peak resident memory on the CPU.
 """
 import argparse
+import itertools
 from typing import Optional
 
 import torch
+from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
+import recipes
 import train
-from cd_utils import cd_loss, ema_decay, ema_update
 from pipeline import DTYPES, PRESETS, get_preset, load_pipeline
-from utils import run_cli, timed
+from utils import peak_memory_gb, run_cli, timed
 
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16 tensor-core peaks (SXM), by device name
 
@@ -37,13 +40,17 @@ def default_peak_tflops(device: torch.device) -> Optional[float]:
 def bench_student(args: argparse.Namespace, lora_rank: int, device: torch.device, peak: Optional[float]) -> None:
     """Print one table row per batch size for the student of `lora_rank` (0: full), stopping at the first OOM."""
     preset = get_preset(args.preset)
-    targs = train.parse_args(["--preset", preset.name, "--dtype", args.dtype, "--lora-rank", str(lora_rank)]
+    targs = train.parse_args(["--preset", preset.name, "--dtype", args.dtype, "--lora-rank", str(lora_rank),
+                              "--recipe", args.recipe]
                              + (["--teacher", args.teacher] if args.teacher else [])
                              + (["--grad-checkpointing"] if args.grad_checkpointing else []))
-    cd = train.cd_config_from_args(targs)
+    cd = recipes.cd_config_from_args(targs)
+    step_cfg = recipes.step_config_from_args(targs, cd, preset.edm_config)
     pipe = load_pipeline(preset.name, args.teacher, device, DTYPES[args.dtype])
-    nets, optimizer, _ = train.make_networks(targs, cd, pipe, device)
-    student, target = nets["student"], nets["target"] if nets["target"] is not None else nets["student"]
+    nets, optimizer, _ = recipes.make_networks(targs, cd, pipe, device)
+    student = nets["student"]
+    calls = dict(nets, teacher=pipe.dit, target=nets["target"] if nets["target"] is not None else student)
+    accelerator = Accelerator(cpu=device.type == "cpu")
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
     gen = torch.Generator(device).manual_seed(0)
     kind = f"LoRA rank {lora_rank}" if lora_rank else "full"
@@ -54,15 +61,12 @@ def bench_student(args: argparse.Namespace, lora_rank: int, device: torch.device
         y = torch.randn(batch, 1, 77, preset.dit_kwargs["caption_channels"], device=device)
 
         def step() -> None:
-            with autocast:
-                loss, _ = cd_loss(student, target, pipe.dit, x0, y, cd, pipe.edm_config, gen)
-            loss.backward()
+            recipes.accumulate_gradients(accelerator, recipes.RECIPES[targs.recipe].losses, calls,
+                                         itertools.repeat((x0, y)), step_cfg, 0, gen, 1, autocast)
             torch.nn.utils.clip_grad_norm_(student.parameters(), targs.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            for key, decay in (("target", cd.target_decay), ("ema", ema_decay(targs.ema, 0))):
-                if nets[key] is not None:
-                    ema_update(nets[key], student, decay)
+            recipes.update_averages(nets, cd, targs.ema, 0)
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -77,8 +81,8 @@ def bench_student(args: argparse.Namespace, lora_rank: int, device: torch.device
         tflops = flops / seconds / 1e12
         mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
         print(f"| {kind} | {trained / 1e6:.1f}M | {batch} | {seconds:.3f} | {batch / seconds:.2f} | "
-              f"{flops / batch / 1e9:.4g} | {tflops:.3g} | {mfu} | {train.peak_memory_gb(device):.1f} |", flush=True)
-    del nets, optimizer, student, target, pipe
+              f"{flops / batch / 1e9:.4g} | {tflops:.3g} | {mfu} | {peak_memory_gb(device):.1f} |", flush=True)
+    del nets, optimizer, student, calls, pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -93,6 +97,7 @@ def main() -> None:
                         help="the teacher's (and a LoRA student's base) dtype, train.py's --dtype")
     parser.add_argument("--precision", choices=("bf16", "fp32"), help="train.py's --precision (default: bf16 on "
                                                                        "CUDA, fp32 on the CPU)")
+    parser.add_argument("--recipe", choices=list(recipes.RECIPES), default="default", help="train.py's --recipe")
     parser.add_argument("--lora-rank", type=int, nargs="+", default=[0, 32], help="0: the full student")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[8, 16, 32, 64],
                         help="ascending: the first that does not fit ends the student's rows")
@@ -106,7 +111,7 @@ def main() -> None:
     peak = args.peak_tflops or default_peak_tflops(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    print(f"{args.preset}: one CD step (train.py's default recipe), {device}, teacher {args.dtype}, precision "
+    print(f"{args.preset}: one step of train.py's --recipe {args.recipe}, {device}, teacher {args.dtype}, precision "
           f"{args.precision}, grad checkpointing {args.grad_checkpointing}; MFU against {peak or 'no'} TFLOP/s")
     print("| student | trained params | batch | s / step | samples / s | GFLOP / sample | TFLOP/s | MFU | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -1,8 +1,9 @@
-"""Consistency distillation of a MicroDiT teacher into a 1-4 step student (CM/LCM, `cd_utils.cd_loss`).
+"""Consistency distillation of a MicroDiT teacher into a 1-4 step student; each --recipe's losses: recipes.py.
 
     python train.py                                     # embedded default: the shapes world, ~5 min on 2 CPU cores
     python train.py --recipe seed                       # Euler teacher step, online target, pseudo-Huber c=0.001
     python train.py --recipe one-step                   # CD + distribution matching (DMD2) of the 1-step samples
+    python train.py --recipe scm                        # continuous-time consistency (sCM); rcm: sCM + DMD2
     python train.py --preset microdit-xl-512 --teacher dit_4_channel_0.5B_synthetic_data.pt --data-dir data/teacher
     accelerate launch --num_processes 8 train.py --preset microdit-xl-512 --teacher ... --data-dir data/teacher
     python train.py --resume auto                       # continue from the last checkpoint in --out-dir
@@ -28,37 +29,32 @@ student's student_final.safetensors is merged into the teacher's weights and stu
 adapter alone (both load with benchmark.py --student).
 """
 import argparse
-import copy
 import dataclasses
-import functools
 import json
 import math
 import os
-import resource
 import sys
 import time
-from contextlib import nullcontext
 from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.utils.checkpoint
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
 import generate_data
-import microdit
-from cd_utils import INDEX_DISTS, LOSSES, SEED_RECIPE, SOLVERS, WEIGHTINGS, CDConfig, cd_loss, curriculum_scales, \
-    dmd_losses, ema_decay, ema_update, teacher_calls
+from cd_utils import CDConfig
 from dataset import CAPTIONS_CSV, CAPTIONS_JSON, MANIFEST_JSON, check_data_dir, get_dataloader, list_shards
-from lora import LORA_TARGETS, add_adapters
-from pipeline import DTYPES, GUIDANCE_FILE, Pipeline, add_pipeline_args, build_dit, get_preset, merge_lora, \
-    pipeline_from_args, save_lora, save_student, teacher_path
+from lora import LORA_TARGETS
+from pipeline import Pipeline, add_pipeline_args, build_dit, get_preset, merge_lora, pipeline_from_args, save_lora, \
+    save_student
+from recipes import FLAG_DEFAULTS, RECIPES, accumulate_gradients, add_recipe_args, cd_config_from_args, \
+    check_memory, make_networks, passes_per_sample, step_config_from_args, update_averages
 from utils import (StopRequest, UserError, append_jsonl, atomic_write, atomic_write_json, first_line, load_torch_file,
-                   rng_state, run_cli, seed_everything, set_rng_state, truncate_jsonl)
-from validation import LOG_FILE, VAL_DIR, VAL_LOG_FILE, VAL_STUDENT_STEPS, Validator, plot_curves, steps_label, \
-    validation_prompts
+                   peak_memory_gb, rng_state, run_cli, set_rng_state, truncate_jsonl)
+from validation import LOG_FILE, VAL_DIR, VAL_LOG_FILE, VAL_STUDENT_STEPS, make_validator, plot_curves, steps_label, \
+    validate
 
 try:  # optional
     from torch.utils.tensorboard import SummaryWriter
@@ -84,10 +80,6 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
                             ckpt_every=1000, num_workers=4),
 }
 PRESET_DEFAULTS["microdit-xl-512-random"] = {**PRESET_DEFAULTS["microdit-xl-512"], "data_dir": "data/xl-random"}
-RECIPES = {"default": {}, "seed": SEED_RECIPE, "one-step": {}}  # overrides of CDConfig's defaults
-# The training flags a recipe sets where the command line does not (BENCHMARKS.md, "One step as good as four").
-RECIPE_FLAGS = {"default": {}, "seed": {}, "one-step": dict(dmd_weight=0.25, lr_schedule="cosine")}
-FLAG_DEFAULTS = dict(dmd_weight=0.0, lr_schedule="constant")  # where neither the command line nor the recipe sets them
 CKPT_DIR = "checkpoints"
 
 
@@ -98,10 +90,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Parse the command line and fill unset options from PRESET_DEFAULTS[--preset]."""
     def per_preset(key: str) -> str:
         return "default per preset: " + ", ".join(f"{p} {d[key]}" for p, d in PRESET_DEFAULTS.items())
-
-    def recipe_values(field: str) -> str:
-        default = getattr(CDConfig, field)
-        return f"[default recipe: {default}; seed recipe: {SEED_RECIPE.get(field, default)}]"
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,47 +118,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    f"min(ema, (1+step)/(10+step)); 0: none, use the online student; {per_preset('ema')}")
     g.add_argument("--seed", type=int, default=0, help="seed of the data order, the CD noise (per rank: (seed, "
                    "rank)) and a new guidance embedder (default %(default)s)")
-    g = parser.add_argument_group("consistency distillation (CDConfig; unset flags keep the --recipe's value)")
-    g.add_argument("--recipe", choices=list(RECIPES), default="default",
-                   help="default: CDConfig() as cd_utils defines it; seed: cd_utils.SEED_RECIPE (one Euler teacher "
-                        "step between adjacent Karras points, online target, pseudo-Huber c = 0.001); one-step: the "
-                        f"default's CD with the training flags {RECIPE_FLAGS['one-step']} (DMD of the 1-step map)")
-    g.add_argument("--num-scales", type=int, help="N: Karras points between sigma_min and sigma_max (the CD "
-                   f"discretisation) {recipe_values('num_scales')}")
-    g.add_argument("--skip", type=int, help=f"k >= 1: one teacher step spans k intervals (LCM's skipping step) "
-                                            f"{recipe_values('skip')}")
-    g.add_argument("--solver", choices=SOLVERS, help=f"teacher ODE solver: heun (2 guided calls) or euler (1) "
-                                                     f"{recipe_values('solver')}")
-    g.add_argument("--target-decay", type=float, help="mu of the EMA target network; 0: the online student under "
-                   f"no_grad {recipe_values('target_decay')}")
-    g.add_argument("--loss", choices=LOSSES, help="consistency distance (pseudo_huber: iCT, on the whole sample; "
-                   f"_elementwise: LCM) {recipe_values('loss')}")
-    g.add_argument("--huber-c", type=float, help="pseudo-Huber c (unset: 0.00054 sqrt(dim) for pseudo_huber, 0.001 "
-                   f"elementwise) {recipe_values('huber_c')}")
-    g.add_argument("--weighting", choices=WEIGHTINGS, help="lambda(sigma_n): uniform or inverse_gap = 1 / "
-                   f"(sigma_(n+k) - sigma_n) {recipe_values('weighting')}")
-    g.add_argument("--index-dist", choices=INDEX_DISTS, help="distribution of the index n: uniform or lognormal "
-                   f"(iCT) {recipe_values('index_dist')}")
-    g.add_argument("--p-mean", type=float, help=f"lognormal index distribution: mean of ln sigma "
-                                                f"{recipe_values('p_mean')}")
-    g.add_argument("--p-std", type=float, help="lognormal index distribution: std of ln sigma "
-                                               f"{recipe_values('p_std')}")
-    g.add_argument("--curriculum", action="store_true", help="iCT's curriculum: N doubles in three equal parts "
-                   "of the run up to --num-scales (10, 20, 40; cd_utils.curriculum_scales)")
-    g.add_argument("--w", dest="guidance", type=float, help="the teacher's classifier-free guidance scale w (also the "
-                   f"validation w) {recipe_values('guidance')}")
-    g.add_argument("--w-min", type=float, help="with --w-max: w ~ U[w-min, w-max] per sample and a w-conditioned "
-                   f"student (a zero-initialised guidance embedder, saved as {GUIDANCE_FILE})")
-    g.add_argument("--w-max", type=float, help="see --w-min")
-    g = parser.add_argument_group("distribution matching (DMD2, cd_utils.dmd_losses): a refinement of the 1-step map")
-    g.add_argument("--dmd-weight", type=float, help="lambda > 0: add lambda x the DMD loss of the student's 1-step "
-                   "samples to the CD loss, with a fake denoiser (a trained copy of the teacher) learning those "
-                   "samples; 0: CD only [default recipe: 0; one-step recipe: "
-                   f"{RECIPE_FLAGS['one-step']['dmd_weight']}]")
-    g.add_argument("--dmd-start", type=int, default=0, help="the optimizer step from which the DMD loss is on "
-                   "(default %(default)s)")
-    g.add_argument("--fake-lr", type=float, help="the fake denoiser's AdamW learning rate (default: --lr)")
-    g.add_argument("--dmd-guidance", type=float, help="the guidance of DMD's teacher (default: --w, the CD teacher's)")
+    add_recipe_args(parser)  # --recipe, CDConfig's flags, DMD's
     g = parser.add_argument_group("LoRA student (lora.py: adapters on the attention, cross-attention and dense-FFN "
                                   "projections of every DiT block; the MoE experts stay the teacher's)")
     g.add_argument("--lora-rank", type=int, default=0, help="R > 0: train LoRA adapters of rank R on the teacher's "
@@ -204,7 +152,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--cpu", action="store_true", help="train on the CPU even if CUDA is available")
     args = parser.parse_args(argv)
 
-    for key, value in {**FLAG_DEFAULTS, **RECIPE_FLAGS[args.recipe]}.items():
+    for key, value in {**FLAG_DEFAULTS, **RECIPES[args.recipe].flags}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     preset = get_preset(args.preset)
@@ -223,7 +171,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         ("--num-workers", args.num_workers >= 0, ">= 0"), ("--lora-rank", args.lora_rank >= 0, ">= 0"),
         ("--lora-alpha", args.lora_alpha is None or args.lora_alpha > 0, "> 0"),
         ("--dmd-weight", args.dmd_weight >= 0, ">= 0"), ("--dmd-start", args.dmd_start >= 0, ">= 0"),
-        ("--fake-lr", args.fake_lr is None or args.fake_lr > 0, "> 0")) if not ok]
+        ("--fake-lr", args.fake_lr is None or args.fake_lr > 0, "> 0"),
+        ("--tangent-warmup", args.tangent_warmup is None or args.tangent_warmup >= 0, ">= 0")) if not ok]
     if args.dmd_weight:
         args.fake_lr = args.fake_lr or args.lr
         problems += [f"--dmd-weight does not go with {flag} yet" for flag, given in (
@@ -234,21 +183,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         problems += [f"--lora-rank does not go with {flag} yet" for flag, given in (
             ("--w-min/--w-max (the guidance embedder is not an adapter)", args.w_min is not None),
             ("--compile", args.compile)) if given]
+    if args.recipe in ("scm", "rcm"):
+        problems += [f"--recipe {args.recipe} does not go with {flag} yet" for flag, given in (
+            ("--w-min/--w-max", args.w_min is not None), ("--compile (torch.func.jvp)", args.compile),
+            ("--curriculum (a discrete-time schedule)", args.curriculum)) if given]
     if problems:
         raise UserError("; ".join(problems))
     args.val_grid = min(args.val_grid, args.val_samples)
     return args
-
-
-def cd_config_from_args(args: argparse.Namespace) -> CDConfig:
-    """CDConfig of the --recipe with every CD flag that was given (--w-min/--w-max: guidance_range)."""
-    fields = [f.name for f in dataclasses.fields(CDConfig) if f.name != "guidance_range"]
-    overrides = {**RECIPES[args.recipe], **{k: getattr(args, k) for k in fields if getattr(args, k) is not None}}
-    if (args.w_min is None) != (args.w_max is None):
-        raise UserError("--w-min and --w-max go together")
-    if args.w_min is not None:
-        overrides["guidance_range"] = (args.w_min, args.w_max)
-    return CDConfig(**overrides)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,117 +227,10 @@ def model_inputs(batch: dict, pipe: Pipeline, device: torch.device) -> tuple[tor
         return pipe.codec.encode(batch["image"].to(device)).float(), pipe.encode_prompts(batch["caption"])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Networks and optimisation
-
-def enable_grad_checkpointing(dit: torch.nn.Module) -> None:
-    """Recompute every transformer block (patch mixer and backbone) in the backward pass (torch.utils.checkpoint)."""
-    blocks = list(dit.blocks) + (list(dit.patch_mixer) if dit.use_patch_mixer else [])
-    for block in blocks:
-        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
-
-
-def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(module).eval().requires_grad_(False)
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Learning-rate multiplier of optimizer step `step` (0-based): linear warm-up, then constant or cosine to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-def make_networks(args: argparse.Namespace, cd: CDConfig, pipe: Pipeline, device: torch.device) -> tuple:
-    """({"student", "target", "ema", "fake"}: the student initialised from the teacher, its EMA target (None for
-    target_decay 0), slow EMA (None for --ema 0) and DMD fake denoiser (None for --dmd-weight 0)), the AdamW
-    optimizer (the student's parameters, then the fake's in a second group at --fake-lr) and its schedule.
-
-    Full student: a float32 copy of the teacher on `device`; the target, slow EMA and fake are copies of it. LoRA
-    student (--lora-rank): `lora.Adapter`s on the teacher's DiT, and pipe.dit becomes the adapter-free one (the
-    teacher)."""
-    seed_everything(args.seed)  # a new guidance embedder or the LoRA A factors are drawn from it
-    if args.lora_rank:
-        names = ["student"] + [n for n, on in (("target", cd.target_decay > 0), ("ema", args.ema > 0)) if on]
-        base = pipe.dit
-        adapters = add_adapters(base, names, args.lora_rank, args.lora_alpha)
-        pipe.dit = adapters[None]  # the pipeline (validation, teacher passes) keeps sampling the teacher
-        nets = {k: adapters.get(k) for k in ("student", "target", "ema")} | {"fake": None}
-    else:
-        base = build_dit(pipe.preset, args.teacher)
-        if cd.guidance_range is not None:
-            base.add_guidance_embedder()
-        base.to(device).train()
-        nets = dict(student=base, target=frozen_copy(base) if cd.target_decay > 0 else None,
-                    ema=frozen_copy(base) if args.ema > 0 else None,
-                    fake=copy.deepcopy(base).requires_grad_(True) if args.dmd_weight > 0 else None)
-    student = nets["student"]
-    if args.grad_checkpointing:
-        for net in (base, nets["fake"]):
-            if net is not None:
-                enable_grad_checkpointing(net)
-    groups = [{"params": list(student.parameters())}]
-    if nets["fake"] is not None:
-        groups.append({"params": list(nets["fake"].parameters()), "lr": args.fake_lr})
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, args.warmup, args.steps, args.lr_schedule))
-    return nets, optimizer, scheduler
-
-
-def state_bytes(base_params: int, trained_params: int, teacher_dtype: torch.dtype, averages: int) -> int:
-    """Bytes of the networks and optimizer state of a run: the teacher in its dtype, and per trained parameter (the
-    full student's or the LoRA factors) fp32 weights 4 + gradients 4 + AdamW moments 8 + 4 per weight average
-    (EMA target, slow EMA). The activations (bench_memory.py counts them), text encoder and VAE come on top."""
-    return base_params * torch.finfo(teacher_dtype).bits // 8 + trained_params * (16 + 4 * averages)
-
-
-def available_memory_gib(device: torch.device) -> float:
-    """Free memory of a CUDA device, or the system's available memory (MemAvailable) for the CPU, in GiB."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] / 2**30
-    with open("/proc/meminfo") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return int(fields["MemAvailable"].split()[0]) / 2**20  # kB
-
-
-def check_memory(args: argparse.Namespace, cd: CDConfig, device: torch.device) -> None:
-    """Refuse, before any expensive work, a run whose networks and optimizer state alone (`state_bytes`) do not fit
-    in the device's free memory: on the CPU the kernel would otherwise kill the run without a message."""
-    preset = get_preset(args.preset)
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        dit = getattr(microdit, preset.dit_arch)(**preset.dit_kwargs)
-    base = sum(p.numel() for p in dit.parameters())
-    trained = sum(p.numel() for p in add_adapters(dit, ["student"], args.lora_rank, args.lora_alpha)["student"]
-                  .parameters()) if args.lora_rank else base
-    averages = (cd.target_decay > 0) + (args.ema > 0)
-    fake = state_bytes(0, base, DTYPES[args.dtype], 0) if args.dmd_weight > 0 else 0  # a trained fp32 copy
-    need = (state_bytes(base, trained, DTYPES[args.dtype], averages) + fake) / 2**30
-    fake_note = " and a DMD fake denoiser" if fake else ""
-    have = available_memory_gib(device)
-    if need > have:
-        kind = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full"
-        hint = "a smaller --lora-rank" if args.lora_rank else "without DMD (--dmd-weight 0)" if fake else \
-            "a LoRA student (--lora-rank 32 --grad-checkpointing)"
-        raise UserError(f"the {kind} student of {preset.name} needs {need:.1f} GiB for its networks and optimizer "
-                        f"state alone ({base / 1e6:.0f}M teacher parameters in {args.dtype}, {trained / 1e6:.1f}M "
-                        f"trained with AdamW and {averages} weight average(s){fake_note}) and {device} has "
-                        f"{have:.1f} GiB free: train {hint}, or on a device with more memory")
-
-
 def loss_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
     """The CD noise generator of one rank, seeded from (seed, rank)."""
     state = int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
     return torch.Generator(device).manual_seed(state)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak CUDA memory allocated, or the process's peak resident memory on the CPU, in GiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -477,60 +312,6 @@ def open_outputs(args: argparse.Namespace, cd: CDConfig, step: int, world: int) 
                       dict(args=vars(args), cd=dataclasses.asdict(cd), world_size=world, command=sys.argv))
 
 
-def make_validator(args: argparse.Namespace, cd: CDConfig, pipe: Pipeline) -> Validator:
-    """--val-samples prompts with seeds val-seed + i, at the teacher's w (a w-conditioned student gets it too)."""
-    prompts, real = validation_prompts(pipe, args.val_samples, args.val_seed, args.val_prompts)
-    return Validator(pipe, args.out_dir, prompts, [args.val_seed + i for i in range(len(prompts))], real,
-                     cd.guidance, cd.guidance_range is not None, args.batch_size, args.val_grid,
-                     teacher_path(pipe.preset, args.teacher), args.val_teacher_steps)
-
-
-def validate(accelerator: Accelerator, validator: Optional[Validator], step: int, net: torch.nn.Module,
-             out_dir: str, writer) -> dict:
-    """The grid and metrics of `net` at `step`, made and logged by the main process (the one with a validator)
-    while the others wait."""
-    metrics = validator(step, net) if validator is not None else {}
-    if validator is not None:
-        append_jsonl(os.path.join(out_dir, VAL_LOG_FILE), {"step": step, **metrics})
-        for k, v in metrics.items():
-            if writer:
-                writer.add_scalar(f"val/{k}", v, step)
-        plot_curves(out_dir)
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("adherence/"))
-        tqdm.write(f"step {step}: validation grid {VAL_DIR}/step_{step:06d}.png{'; ' + shown if shown else ''}")
-    accelerator.wait_for_everyone()
-    return metrics
-
-
-def accumulate_gradients(accelerator: Accelerator, model: torch.nn.Module, target_fwd, teacher_fwd, batches,
-                         pipe: Pipeline, cd: CDConfig, gen: torch.Generator, grad_accum: int, autocast,
-                         fake: Optional[torch.nn.Module] = None, dmd_weight: float = 0.0,
-                         dmd_guidance: Optional[float] = None) -> dict[str, float]:
-    """Backpropagate `cd_loss` over `grad_accum` batches (the gradient all-reduced once, on the last); with a
-    `fake` denoiser also dmd_weight x the DMD loss and the fake's loss (`dmd_losses`, a second backward per batch;
-    its teacher guided at dmd_guidance, by default the CD teacher's).
-    Returns the mean of the stats (loss, sigma, gap, w; dmd, fake: 0 without DMD) over the batches."""
-    stats = dict.fromkeys(("loss", "sigma", "gap", "w", "dmd", "fake"), 0.0)
-    dmd_cd = cd if dmd_guidance is None else dataclasses.replace(cd, guidance=dmd_guidance)
-    for micro in range(grad_accum):
-        x0, y = model_inputs(next(batches), pipe, pipe.device)
-        sync = micro == grad_accum - 1  # the first backward outside no_sync all-reduces all that accumulated
-        with accelerator.no_sync(model) if not sync or fake is not None else nullcontext():
-            with autocast:
-                loss, micro_stats = cd_loss(model, target_fwd, teacher_fwd, x0, y, cd, pipe.edm_config, gen)
-            accelerator.backward(loss / grad_accum)
-        micro_stats.update(loss=loss.item(), dmd=0.0, fake=0.0)  # the loss that was backpropagated
-        if fake is not None:
-            with accelerator.no_sync(model) if not sync else nullcontext(), \
-                    accelerator.no_sync(fake) if not sync else nullcontext():
-                with autocast:
-                    dmd, fake_loss = dmd_losses(model, fake, teacher_fwd, x0, y, dmd_cd, pipe.edm_config, gen)
-                accelerator.backward((dmd_weight * dmd + fake_loss) / grad_accum)
-            micro_stats.update(dmd=dmd.item(), fake=fake_loss.item())
-        stats = {k: stats[k] + micro_stats[k] / grad_accum for k in stats}
-    return stats
-
-
 def log_step(log_path: str, writer, bar: tqdm, record: dict) -> None:
     """One optimizer step's record: a line of log.jsonl, TensorBoard scalars, the progress bar."""
     append_jsonl(log_path, record)
@@ -544,7 +325,6 @@ def log_step(log_path: str, writer, bar: tqdm, record: dict) -> None:
 def print_plan(args: argparse.Namespace, cd: CDConfig, student: torch.nn.Module, num_items: int, step: int,
                device: torch.device, world: int, precision: str) -> None:
     n_params = sum(p.numel() for p in student.parameters())
-    t_calls = teacher_calls(cd)
     kind = f"LoRA rank {args.lora_rank} alpha {args.lora_alpha:g}" if args.lora_rank else "full"
     print(f"preset {args.preset}: {kind} student, {n_params / 1e6:.2f}M trained parameters, {num_items} training "
           f"items in {args.data_dir}; {device}, {world} process(es), {precision}; peak memory so far "
@@ -552,14 +332,7 @@ def print_plan(args: argparse.Namespace, cd: CDConfig, student: torch.nn.Module,
     print(f"steps {step} -> {args.steps}: batch {args.batch_size} x grad-accum {args.grad_accum} x {world} = "
           f"{args.batch_size * args.grad_accum * world} samples/step, lr {args.lr} ({args.warmup} warm-up, "
           f"{args.lr_schedule}); recipe {args.recipe}: {cd}")
-    print(f"cost per sample and step, in network passes: teacher {t_calls} ({cd.solver}: "
-          f"{2 if cd.solver == 'heun' else 1} call(s){' x cond+uncond' if t_calls % 2 == 0 else ''}) + target 1 "
-          f"+ student forward+backward ~3 = ~{t_calls + 4} forward passes")
-    if args.dmd_weight:  # dmd_losses: the 1-step sample, the guided teacher, the fake and the fake's training
-        guidance = cd.guidance if args.dmd_guidance is None else args.dmd_guidance
-        print(f"DMD from step {args.dmd_start} at weight {args.dmd_weight:g}, teacher guidance {guidance}, fake lr "
-              f"{args.fake_lr}: + student 1-step forward+backward ~3 + teacher 2 + fake 1 + fake forward+backward ~3 "
-              f"= ~{t_calls + 13} passes")
+    print(f"cost per sample and step, in network passes: {passes_per_sample(args, cd)}")
 
 
 def print_result(args: argparse.Namespace, result: dict) -> None:
@@ -579,10 +352,27 @@ def print_result(args: argparse.Namespace, result: dict) -> None:
           f"{os.path.join(args.out_dir, 'val_metrics.png')}, {os.path.join(args.out_dir, 'training_loss.png')}")
 
 
+def export_student(args: argparse.Namespace, cd: CDConfig, step: int, exported: torch.nn.Module,
+                   weights: str) -> dict[str, Optional[str]]:
+    """Write the student in the official DiT layout (a LoRA student: the adapter alone, and merged into the
+    teacher's float32 weights); returns the paths {"student", "guidance_embedder", "lora"} (None: not written)."""
+    meta = {"preset": args.preset, "step": str(step), "recipe": args.recipe, "cd": json.dumps(dataclasses.asdict(cd)),
+            "weights": weights}
+    paths = dict(lora=None)
+    if args.lora_rank:
+        lora = exported.lora_state()
+        paths["lora"] = save_lora(args.out_dir, lora, args.lora_rank, args.lora_alpha, LORA_TARGETS, meta)
+        exported = merge_lora(build_dit(get_preset(args.preset), args.teacher), lora, args.lora_alpha)
+    paths["student"], paths["guidance_embedder"] = save_student(args.out_dir, exported, meta)
+    return paths
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Distil the student as `args` (from `parse_args`) say; returns the final step, metrics and output paths."""
     # Set-up: devices, precision, the run to resume
     cd = cd_config_from_args(args)
+    preset = get_preset(args.preset)
+    step_cfg = step_config_from_args(args, cd, preset.edm_config)
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(), mixed_precision="no")
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main_process = accelerator.is_main_process
@@ -595,7 +385,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     # Data: generated if missing, then read through before the teacher's validation images are made
     ensure_teacher_data(args, device)
     accelerator.wait_for_everyone()
-    preset = get_preset(args.preset)
     check_data_dir(args.data_dir, preset.latent_shape, preset.dit_kwargs["caption_channels"])
 
     # Networks: the frozen teacher (pipe.dit, in --dtype), the student (fp32 or LoRA), its target and slow EMA
@@ -604,15 +393,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     student, exported = nets["student"], nets["ema"] if nets["ema"] is not None else nets["student"]
     gen = loss_generator(args.seed, rank, device)
     step, rng_blobs = load_checkpoint(resume_from, world, nets, optimizer, scheduler) if resume_from else (0, None)
-    model = accelerator.prepare_model(student)  # DistributedDataParallel over several processes
-    fake = accelerator.prepare_model(nets["fake"]) if nets["fake"] is not None else None
-    teacher_fwd, target_fwd = pipe.dit, nets["target"] if nets["target"] is not None else student
+    calls = {k: accelerator.prepare_model(nets[k]) if nets[k] is not None else None  # DDP over several processes
+             for k in ("student", "fake", "weighting")}
+    calls.update(teacher=pipe.dit, target=nets["target"] if nets["target"] is not None else student)
     if args.compile:
-        model, teacher_fwd, target_fwd = torch.compile(model), torch.compile(teacher_fwd), torch.compile(target_fwd)
+        calls.update({k: torch.compile(calls[k]) for k in ("student", "teacher", "target")})
     loader = get_dataloader(args.data_dir, args.batch_size, seed=args.seed, rank=rank, world_size=world,
                             start_index=step * args.batch_size * args.grad_accum, num_workers=args.num_workers,
                             resolution=pipe.image_size)
     batches = iter(loader)  # draws from the global torch RNG: restore the checkpoint's states after it
+    inputs = (model_inputs(batch, pipe, device) for batch in batches)
     if resume_from:
         set_rng_state(rng_blobs[rank], gen)
 
@@ -625,7 +415,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         validator = make_validator(args, cd, pipe)
         writer = SummaryWriter(args.out_dir) if SummaryWriter else None
 
-    # Loop: grad-accumulated CD steps; validation, checkpoints and a clean stop on SIGINT/SIGTERM
+    # Loop: grad-accumulated steps of the recipe's losses; validation, checkpoints and a clean stop on SIGINT/SIGTERM
     last_ckpt, val_metrics, step_times, loss, interrupted = resume_from, {}, [], float("nan"), False
     bar = tqdm(total=args.steps, initial=step, unit="step", disable=not main_process, dynamic_ncols=True)
     try:
@@ -634,15 +424,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         with StopRequest() as stop:
             while step < args.steps:
                 t0 = time.time()
-                dmd_on = fake is not None and step >= args.dmd_start
-                cd_now = dataclasses.replace(cd, num_scales=curriculum_scales(step, args.steps, cd.num_scales)) \
-                    if args.curriculum else cd
-                stats = accumulate_gradients(accelerator, model, target_fwd, teacher_fwd, batches, pipe, cd_now, gen,
-                                             args.grad_accum, autocast, fake if dmd_on else None, args.dmd_weight,
-                                             args.dmd_guidance)
+                stats = accumulate_gradients(accelerator, RECIPES[args.recipe].losses, calls, inputs, step_cfg, step,
+                                             gen, args.grad_accum, autocast)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     student.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf")).item()
-                if dmd_on and args.grad_clip > 0:
+                if nets["fake"] is not None and args.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(nets["fake"].parameters(), args.grad_clip)
                 # one all-reduce: the mean loss over ranks and whether any rank was asked to stop
                 reduced = accelerator.reduce(torch.tensor([stats["loss"], float(stop.requested)], device=device))
@@ -656,10 +442,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                if nets["target"] is not None:
-                    ema_update(nets["target"], student, cd.target_decay)
-                if nets["ema"] is not None:
-                    ema_update(nets["ema"], student, ema_decay(args.ema, step))
+                update_averages(nets, cd, args.ema, step)
                 step += 1
                 step_times.append(time.time() - t0)
                 if main_process:
@@ -687,8 +470,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     sec_per_step = float(np.mean(step_times)) if step_times else None
     result = dict(step=step, interrupted=interrupted, checkpoint=last_ckpt, out_dir=args.out_dir, loss=loss,
                   val=val_metrics, log=log_path, student=None, guidance_embedder=None, lora=None,
-                  sec_per_step=sec_per_step,
-                  samples_per_s=effective / sec_per_step if sec_per_step else None)
+                  sec_per_step=sec_per_step, samples_per_s=effective / sec_per_step if sec_per_step else None)
     if interrupted:
         return result
     if not last_ckpt or not last_ckpt.endswith(f"ckpt_{step:06d}.pt"):
@@ -697,13 +479,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.val_every <= 0 or step % args.val_every != 0:
         result["val"] = validate(accelerator, validator, step, exported, args.out_dir, writer)
     if main_process:
-        meta = {"preset": args.preset, "step": str(step), "recipe": args.recipe,
-                "cd": json.dumps(dataclasses.asdict(cd)), "weights": "slow EMA" if nets["ema"] is not None else "student"}
-        if args.lora_rank:  # the adapter alone, and merged into the teacher's float32 weights
-            lora = exported.lora_state()
-            result["lora"] = save_lora(args.out_dir, lora, args.lora_rank, args.lora_alpha, LORA_TARGETS, meta)
-            exported = merge_lora(build_dit(preset, args.teacher), lora, args.lora_alpha)
-        result["student"], result["guidance_embedder"] = save_student(args.out_dir, exported, meta)
+        result.update(export_student(args, cd, step, exported, "slow EMA" if nets["ema"] is not None else "student"))
         plot_curves(args.out_dir)
         if writer:
             writer.close()

@@ -1,9 +1,10 @@
 """Small helpers shared by the scripts: user-facing errors, atomic writes, jsonl logs, seeding and RNG states,
-stopping on a signal, labelled image grids, timing."""
+stopping on a signal, labelled image grids, timing and peak memory."""
 import io
 import json
 import os
 import random
+import resource
 import signal
 import sys
 import tempfile
@@ -210,6 +211,13 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats: 
         fn()
     sync()
     return (time.perf_counter() - start) / repeats
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's peak resident memory on the CPU, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def release_memory() -> None:

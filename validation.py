@@ -5,19 +5,23 @@ OUT_DIR/val/teacher.pt), the student's at VAL_STUDENT_STEPS, one labelled grid p
 `shapes.score_by_form` of each image set, full and partial captions apart: adherence, coverage of what partial
 captions omit, precision / recall / shapes-FD against real images of the captions ("data") and against the
 teacher's images of the same prompts and seeds ("teacher"). `plot_curves` draws training_loss.png and
-val_metrics.png from the run's jsonl logs.
+val_metrics.png from the run's jsonl logs; `make_validator` and `validate` are how train.py uses them.
 """
+import argparse
 import os
 import sys
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from tqdm import tqdm
 
 import shapes
-from pipeline import Pipeline
+from cd_utils import CDConfig
+from pipeline import Pipeline, teacher_path
 from sampler import consistency_sample, generate_images, load_prompts, multistep_noise, to_uint8
-from utils import UserError, atomic_write, load_torch_file, read_jsonl, save_grid
+from utils import UserError, append_jsonl, atomic_write, load_torch_file, read_jsonl, save_grid
 
 VAL_STUDENT_STEPS = (1, 2, 4)
 VAL_SEEDS_PER_CAPTION = 8  # seeds of each partial validation caption: its spread over what it omits
@@ -161,3 +165,28 @@ def plot_curves(out_dir: str) -> None:
             ax.set(title=name.replace("/", " captions: "), xlabel="optimizer step", ylabel=unit)
             ax.legend(fontsize=8)
         save(fig, "val_metrics.png")
+
+
+def make_validator(args: argparse.Namespace, cd: CDConfig, pipe: Pipeline) -> Validator:
+    """--val-samples prompts with seeds val-seed + i, at the teacher's w (a w-conditioned student gets it too)."""
+    prompts, real = validation_prompts(pipe, args.val_samples, args.val_seed, args.val_prompts)
+    return Validator(pipe, args.out_dir, prompts, [args.val_seed + i for i in range(len(prompts))], real,
+                     cd.guidance, cd.guidance_range is not None, args.batch_size, args.val_grid,
+                     teacher_path(pipe.preset, args.teacher), args.val_teacher_steps)
+
+
+def validate(accelerator: Accelerator, validator: Optional[Validator], step: int, net: torch.nn.Module,
+             out_dir: str, writer) -> dict:
+    """The grid and metrics of `net` at `step`, made and logged by the main process (the one with a validator)
+    while the others wait."""
+    metrics = validator(step, net) if validator is not None else {}
+    if validator is not None:
+        append_jsonl(os.path.join(out_dir, VAL_LOG_FILE), {"step": step, **metrics})
+        for k, v in metrics.items():
+            if writer:
+                writer.add_scalar(f"val/{k}", v, step)
+        plot_curves(out_dir)
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("adherence/"))
+        tqdm.write(f"step {step}: validation grid {VAL_DIR}/step_{step:06d}.png{'; ' + shown if shown else ''}")
+    accelerator.wait_for_everyone()
+    return metrics

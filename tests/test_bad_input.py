@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 import benchmark
 import generate_data
 import train
+import validation
 from dataset import save_shard
 from pipeline import build_dit, get_preset
 from utils import run_cli
@@ -103,7 +104,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, inputs, capsys, monkeypa
     make, fragment = CASES[case]
     script, argv = make(inputs)
     # The expensive work must not start: rendering fails the test (weights loading is allowed, it is the check).
-    monkeypatch.setattr(train, "Validator", lambda *a, **k: pytest.fail("validation images rendered"))
+    monkeypatch.setattr(validation, "Validator", lambda *a, **k: pytest.fail("validation images rendered"))
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: script(argv))
     err = capsys.readouterr().err.strip().splitlines()

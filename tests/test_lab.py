@@ -87,7 +87,7 @@ def test_short_distillation_keeps_adherence_and_beats_the_teachers_own_4_steps(l
 
 
 def test_distribution_matching_sharpens_the_one_step_student(lab):
-    """The one-step recipe's ingredient, DMD (cd_utils.dmd_losses, --dmd-weight), brings the 1-step student
+    """The one-step recipe's ingredient, DMD (recipes.dmd_losses, --dmd-weight), brings the 1-step student
     closer to the teacher's images than CD alone in the same steps, and costs the 4-step student little. Turned off
     (--recipe one-step --dmd-weight 0: CD with the cosine schedule) the 1-step distance is the default's (measured:
     725 against 698 with the previous teacher) and the first assertion fails. (With the earlier full-caption teacher, a fake denoiser frozen at

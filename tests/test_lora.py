@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import bench_memory
+import recipes
 import train
 from cd_utils import CDConfig, cd_loss
 from lora import LORA_TARGETS, add_adapters
@@ -170,7 +171,7 @@ def test_the_pipeline_keeps_sampling_the_teacher_during_lora_training(data_dir, 
                              "--lora-rank", "4", "--teacher", teacher_file, "--cpu"])
     pipe = load_pipeline("tiny-random", teacher=teacher_file)
     base = pipe.dit
-    nets, optimizer, _ = train.make_networks(args, CDConfig(), pipe, torch.device("cpu"))
+    nets, optimizer, _ = recipes.make_networks(args, CDConfig(), pipe, torch.device("cpu"))
     assert pipe.dit.name is None and pipe.dit.dit is base and nets["student"].dit is base
     assert [p for g in optimizer.param_groups for p in g["params"]] == list(nets["student"].parameters())
     x, t, y = inputs()

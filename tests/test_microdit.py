@@ -142,3 +142,18 @@ def test_forward_mode_jvp_through_attention_and_moe(one_thread):
         _, derivative = jvp(f, (x,), (tangent,))
         difference = (f(x + 1e-5 * tangent) - f(x - 1e-5 * tangent)) / 2e-5
     assert ((derivative - difference).norm() / difference.norm()).item() < 1e-6
+
+
+def test_scm_jvp_forward_mode_equals_finite_difference_on_the_dit(one_thread):
+    """recipes.trigflow_jvp, the two ways of --jvp, on the official-layout DiT as sCM calls it (TrigFlow F of the
+    consistency function, along a tangent in x_t and t): the float32 central difference is within 1% of forward
+    mode. (Where a token changes expert between the difference's two points the difference spikes: at t = 1.5 a step
+    of 1.5e-3, twice today's, moved a token and the difference was off by 19x; forward mode keeps the routing.)"""
+    from recipes import SCMConfig, trigflow_jvp
+    dit, tensors, _ = reference_model()
+    x, y = tensors["in.x"], tensors["in.y"]
+    t = torch.linspace(0.2, 1.5, x.shape[0])
+    dxt_dt = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    forward, difference = (trigflow_jvp(dit, x, t, y, dxt_dt, SCMConfig(jvp=mode), EDMConfig())
+                           for mode in ("forward", "finite-difference"))
+    assert ((forward - difference).flatten(1).norm(dim=1) / forward.flatten(1).norm(dim=1)).max().item() < 1e-2

@@ -14,6 +14,7 @@ from accelerate.state import AcceleratorState, PartialState
 from safetensors.torch import load_file
 
 import generate_data
+import recipes
 import shapes
 import train
 from cd_utils import SEED_RECIPE, CDConfig, cd_loss
@@ -90,30 +91,36 @@ def test_a_few_steps_lower_the_loss(data_dir, tmp_path):
     assert not os.path.exists(tmp_path / GUIDANCE_FILE)
 
 
-@pytest.mark.parametrize("dmd", [[], ["--dmd-weight", 0.5, "--dmd-start", 2, "--fake-lr", 2e-3, "--dmd-guidance", 3]],
-                         ids=["cd", "cd+dmd"])
-def test_resume_after_ctrl_c_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch, dmd):
+DMD_FLAGS = ["--dmd-weight", 0.5, "--dmd-start", 2, "--fake-lr", 2e-3, "--dmd-guidance", 3]
+
+
+@pytest.mark.parametrize("flags, loss_name", [(["--target-decay", 0.5], "cd_loss"),
+                                              (["--target-decay", 0.5, *DMD_FLAGS], "cd_loss"),
+                                              (["--recipe", "rcm", "--tangent-warmup", 4, *DMD_FLAGS], "scm_loss")],
+                         ids=["cd", "cd+dmd", "rcm"])
+def test_resume_after_ctrl_c_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch, flags, loss_name):
     """6 steps straight == Ctrl-C during step 3 (finishes it, checkpoints, stops) + --resume auto: every tensor of
-    the final checkpoint (student, EMA target, slow EMA, DMD fake, optimizer, loss generator) is identical."""
-    common = ["--steps", 6, "--batch-size", 2, "--grad-accum", 2, "--ema", 0.9, "--target-decay", 0.5,
-              "--ckpt-every", 4, "--lr", 1e-3, *dmd]
+    the final checkpoint (student, EMA target, slow EMA, DMD fake, sCM's weighting, optimizer, loss generator) is
+    identical."""
+    common = ["--steps", 6, "--batch-size", 2, "--grad-accum", 2, "--ema", 0.9, "--ckpt-every", 4, "--lr", 1e-3,
+              *flags]
     run(data_dir, tmp_path / "straight", *common)
 
-    calls = []
+    calls, loss_fn = [], getattr(recipes, loss_name)
 
-    def cd_loss_then_ctrl_c(*a, **kw):
+    def loss_then_ctrl_c(*a, **kw):
         calls.append(1)
         if len(calls) == 5:  # first micro-step of step 3
             os.kill(os.getpid(), signal.SIGINT)
-        return cd_loss(*a, **kw)
+        return loss_fn(*a, **kw)
 
-    monkeypatch.setattr(train, "cd_loss", cd_loss_then_ctrl_c)
+    monkeypatch.setattr(recipes, loss_name, loss_then_ctrl_c)
     stopped = run(data_dir, tmp_path / "resumed", *common)
     assert stopped["interrupted"] and stopped["step"] == 3 and stopped["checkpoint"].endswith("ckpt_000003.pt")
     assert not os.path.exists(tmp_path / "resumed" / STUDENT_FILE)
     with pytest.raises(UserError, match="already has checkpoints: pass --resume auto"):
         run(data_dir, tmp_path / "resumed", *common)
-    monkeypatch.setattr(train, "cd_loss", cd_loss)
+    monkeypatch.setattr(recipes, loss_name, loss_fn)
     AcceleratorState._reset_state(True)
     resumed = run(data_dir, tmp_path / "resumed", *common, "--resume", "auto")
     assert resumed["step"] == 6 and not resumed["interrupted"]
@@ -121,8 +128,10 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(data_dir, tmp_path, monkey
     a, b = load_checkpoint(tmp_path / "straight", 6), load_checkpoint(tmp_path / "resumed", 6)
     ta, tb = tensors(a), tensors(b)
     assert ta.keys() == tb.keys()
-    assert any(k.startswith("/target/") for k in ta) and any(k.startswith("/ema/") for k in ta)
-    assert any(k.startswith("/fake/") for k in ta) == bool(dmd)
+    assert any(k.startswith("/ema/") for k in ta)
+    assert any(k.startswith("/target/") for k in ta) == ("--target-decay" in flags)  # sCM's theta^-: the student
+    assert any(k.startswith("/fake/") for k in ta) == ("--dmd-weight" in flags)
+    assert any(k.startswith("/weighting/") for k in ta) == (loss_name == "scm_loss")
     differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
     assert not differ, differ[:5]
     rng = read_rng_state(a["rng"][0])
@@ -197,7 +206,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkey
         loss, stats = cd_loss(*a, **kw)
         return (loss * float("nan"), stats) if len(calls) >= 3 else (loss, stats)
 
-    monkeypatch.setattr(train, "cd_loss", nan_from_step_3)
+    monkeypatch.setattr(recipes, "cd_loss", nan_from_step_3)
     with pytest.raises(UserError, match=r"non-finite loss \(nan\).* at step 3; .*last good checkpoint: .*ckpt_000002"):
         run(data_dir, tmp_path, "--steps", 6, "--ckpt-every", 2)
     assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path))] == ["ckpt_000002.pt"]
@@ -210,20 +219,20 @@ def test_cli_flags_cover_cd_config():
     assert fields <= set(vars(train.parse_args([])))  # a flag per field, its dest the field's name
     args = train.parse_args(["--preset", "tiny-random", "--recipe", "seed", "--num-scales", "20", "--w-min", "2",
                              "--w-max", "8", "--steps", "7", "--p-mean", "0.5", "--w", "3"])
-    cd = train.cd_config_from_args(args)
+    cd = recipes.cd_config_from_args(args)
     assert cd == CDConfig(**{**SEED_RECIPE, "num_scales": 20, "p_mean": 0.5, "guidance": 3.0,
                              "guidance_range": (2.0, 8.0)})
-    assert train.cd_config_from_args(train.parse_args([])) == CDConfig()
+    assert recipes.cd_config_from_args(train.parse_args([])) == CDConfig()
     assert args.steps == 7 and args.batch_size == train.PRESET_DEFAULTS["tiny-random"]["batch_size"]
     assert train.parse_args([]).data_dir == train.PRESET_DEFAULTS["tiny"]["data_dir"]
     with pytest.raises(UserError, match="--w-min and --w-max go together"):
-        train.cd_config_from_args(train.parse_args(["--w-min", "2"]))
+        recipes.cd_config_from_args(train.parse_args(["--w-min", "2"]))
     with pytest.raises(UserError, match="--steps must be >= 1"):
         train.parse_args(["--steps", "0"])
     # a recipe's training flags fill what the command line leaves unset
     one_step = train.parse_args(["--recipe", "one-step"])
-    assert {k: getattr(one_step, k) for k in train.RECIPE_FLAGS["one-step"]} == train.RECIPE_FLAGS["one-step"]
-    assert train.cd_config_from_args(one_step) == CDConfig() and one_step.fake_lr == one_step.lr
+    assert {k: getattr(one_step, k) for k in recipes.RECIPES["one-step"].flags} == recipes.RECIPES["one-step"].flags
+    assert recipes.cd_config_from_args(one_step) == CDConfig() and one_step.fake_lr == one_step.lr
     assert train.parse_args(["--recipe", "one-step", "--dmd-weight", "0"]).dmd_weight == 0
     assert train.parse_args([]).dmd_weight == 0 and train.parse_args([]).lr_schedule == "constant"
     with pytest.raises(UserError, match="--dmd-weight does not go with --lora-rank"):

@@ -20,6 +20,7 @@ from open_clip.transformer import QuickGELU
 from safetensors.torch import load_file
 
 import microdit
+import recipes
 import train
 from conftest import ROOT, released_xl_shapes
 from dataset import LatentCaptionDataset
@@ -66,7 +67,7 @@ def test_rehearsal_text_tower_is_dfn5b_text_architecture():
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_full_xl_student_is_refused_before_any_work(monkeypatch, tmp_path):
-    monkeypatch.setattr(train, "available_memory_gib", lambda device: 24.0)
+    monkeypatch.setattr(recipes, "available_memory_gib", lambda device: 24.0)
     args = train.parse_args(["--preset", PRESET.name, "--data-dir", str(tmp_path / "data"), "--out-dir",
                              str(tmp_path / "run")])
     start = time.time()
@@ -75,10 +76,10 @@ def test_full_xl_student_is_refused_before_any_work(monkeypatch, tmp_path):
         train.train(args)
     assert time.time() - start < 30 and not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
     lora = train.parse_args(["--preset", PRESET.name, "--lora-rank", "32"])
-    train.check_memory(lora, train.cd_config_from_args(lora), torch.device("cpu"))  # 4.7 GiB: fits
+    recipes.check_memory(lora, recipes.cd_config_from_args(lora), torch.device("cpu"))  # 4.7 GiB: fits
     one_step = train.parse_args(["--preset", PRESET.name, "--recipe", "one-step"])  # + the DMD fake's 17.4 GiB
     with pytest.raises(UserError, match=r"needs 47\.\d GiB .* and a DMD fake denoiser\) .* without DMD"):
-        train.check_memory(one_step, train.cd_config_from_args(one_step), torch.device("cpu"))
+        recipes.check_memory(one_step, recipes.cd_config_from_args(one_step), torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
