@@ -39,7 +39,10 @@ class Adapter(nn.Module):
             for layer_name, m in self.layers for factor in ("lora_A", "lora_B")})
 
     def select(self) -> None:
-        """Make this adapter (or none) the one every LoRA layer of the DiT applies."""
+        """Make this adapter (or none) the one every LoRA layer of the DiT applies (nothing to do if it is)."""
+        if getattr(self.dit, "selected_adapter", ()) == (self.name,):
+            return
+        object.__setattr__(self.dit, "selected_adapter", (self.name,))
         for _, layer in self.layers:
             layer.enable_adapters(self.name is not None)
             if self.name is not None:

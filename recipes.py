@@ -218,6 +218,8 @@ def trigflow_jvp(target_fwd: ModelFwd, x_t: torch.Tensor, t: torch.Tensor, y: to
         return trigflow_F(target_fwd, x, time, y, edm_config)
 
     if scm.jvp == "forward":
+        if hasattr(target_fwd, "select"):  # a LoRA adapter (lora.Adapter): peft's switch cannot run inside jvp
+            target_fwd.select()
         with sdpa_kernel(SDPBackend.MATH):
             return torch.func.jvp(F, (x_t, t), (dxt_dt, torch.ones_like(t)))[1].float()
     h = scm.fd_step * torch.minimum(t, math.pi / 2 - t)  # tan t is singular at pi/2: shrink the step at both ends
