@@ -157,6 +157,18 @@ def test_lora_resume_is_exact_and_checkpointing_changes_nothing(data_dir, teache
     assert all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
 
 
+def test_scm_trains_a_lora_student_with_either_jvp(data_dir, teacher_file, tmp_path):
+    """--recipe scm on adapters: the forward-mode JVP runs through peft's layers (the adapter is selected before the
+    transform) and gives the same first step as the finite difference up to its error."""
+    runs = {}
+    for jvp in ("forward", "finite-difference"):
+        PartialState._reset_state()
+        runs[jvp] = run(data_dir, tmp_path / jvp, "--teacher", teacher_file, "--recipe", "scm", "--lora-rank", 4,
+                        "--steps", 1, "--jvp", jvp)
+        assert os.path.isfile(runs[jvp]["lora"]) and os.path.isfile(runs[jvp]["student"])
+    assert runs["forward"]["loss"] == pytest.approx(runs["finite-difference"]["loss"], rel=1e-2)
+
+
 @pytest.mark.parametrize("flags, message", [(["--w-min", 2, "--w-max", 6], "does not go with --w-min"),
                                             (["--compile"], "does not go with --compile"),
                                             (["--lora-alpha", 0], "--lora-alpha must be > 0")])
