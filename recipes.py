@@ -102,8 +102,9 @@ def dmd_losses(
 # Models", arXiv 2410.11081) on the EDM teacher: TrigFlow time t = arctan(sigma / sigma_d), x_t = cos(t) x_0 +
 # sin(t) z with z ~ N(0, sigma_d^2 I), so that x_t = cos(t) (x_0 + sigma eps) is the EDM latent scaled by cos t.
 # The student keeps the project's consistency function f (`consistency_forward`, the official DiT layout) and is
-# read in TrigFlow's terms through f = cos(t) x_t - sin(t) sigma_d F (eq. 9). rCM (Zheng et al. 2025, "Large Scale
-# Diffusion Distillation via Score-Regularized Continuous-Time Consistency", arXiv 2510.08431) adds DMD2's loss.
+# read in TrigFlow's terms through the paper's parameterisation f = cos(t) x_t - sin(t) sigma_d F. rCM (Zheng et al.
+# 2025, "Large Scale Diffusion Distillation via Score-Regularized Continuous-Time Consistency", arXiv 2510.08431)
+# adds DMD2's loss.
 # ----------------------------------------------------------------------------------------------------------------
 
 JVP_MODES = ("forward", "finite-difference")
@@ -112,12 +113,12 @@ JVP_MODES = ("forward", "finite-difference")
 @dataclass(frozen=True)
 class SCMConfig:
     """sCM's options. tangent_warmup: optimizer steps over which the tangent's second term ramps in, r = min(1,
-    step / tangent_warmup) (sec. 4.2; 0: r = 1); norm_c: the tangent normalisation g / (||g||_rms + c) (sec. 4.2,
-    c = 0.1, the RMS as in NVlabs/FastGen so that c means the same at every resolution); adaptive: the learned
-    weighting of eq. 10 (`AdaptiveWeighting`); jvp: 'forward' (torch.func.jvp, exact; attention on the math SDPA
+    step / tangent_warmup) ("tangent warmup"; 0: r = 1); norm_c: the tangent normalisation g / (||g||_rms + c)
+    (c = 0.1, the RMS as in NVlabs/FastGen so that c means the same at every resolution); adaptive: the learned
+    adaptive weighting (`AdaptiveWeighting`); jvp: 'forward' (torch.func.jvp, exact; attention on the math SDPA
     backend) or 'finite-difference' (a central difference along the teacher's tangent, step fd_step x the distance
-    of t to 0 or pi/2, two forwards in float32 that any attention kernel runs). The time distribution and the guidance are CDConfig's
-    (ln sigma ~ N(p_mean, p_std^2) truncated to [sigma_min, sigma_max]; w = guidance)."""
+    of t to 0 or pi/2, two forwards in float32 that any attention kernel runs). The time distribution and the
+    guidance are CDConfig's (ln sigma ~ N(p_mean, p_std^2) truncated to [sigma_min, sigma_max]; w = guidance)."""
 
     tangent_warmup: int = 0
     norm_c: float = 0.1
@@ -131,9 +132,9 @@ class SCMConfig:
 
 
 class AdaptiveWeighting(nn.Module):
-    """sCM's learned log-variance u(t) of the loss e^-u ||.||^2 + u (Lu & Song 2024, eq. 10; EDM2's uncertainty
-    weighting): fixed random Fourier features of c_noise = ln(sigma) / 4 into one zero-initialised linear layer
-    (u = 0 at the start). Not part of the student: checkpointed, not exported."""
+    """sCM's learned log-variance u(t) of the loss e^-u ||.||^2 + u (Lu & Song 2024, "adaptive weighting"; EDM2's
+    uncertainty weighting): fixed random Fourier features of c_noise = ln(sigma) / 4 into one zero-initialised
+    linear layer (u = 0 at the start). Not part of the student: checkpointed, not exported."""
 
     def __init__(self, channels: int = 128, seed: int = 0):
         super().__init__()
@@ -152,7 +153,7 @@ class AdaptiveWeighting(nn.Module):
 
 def trigflow_F(student_fwd: ModelFwd, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                edm_config: EDMConfig) -> torch.Tensor:
-    """The student as TrigFlow's network output F (sCM eq. 9: f = cos(t) x_t - sin(t) sigma_d F), from the
+    """The student as TrigFlow's network output F (sCM: f = cos(t) x_t - sin(t) sigma_d F), from the
     consistency function f of the EDM latent x_t / cos t at sigma = sigma_d tan t. x_t (B, ...), t (B,) in (0, pi/2);
     differentiable in x_t and t (forward mode too)."""
     sd = edm_config.sigma_data
@@ -175,11 +176,12 @@ def scm_loss(
     generator: Optional[torch.Generator] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One sCM distillation step's loss for clean latents x0 (B, ...) and captions y (B, ...) (Lu & Song 2024,
-    Algorithm 1 with the guided teacher's PF-ODE): draws ln sigma, then z, from `generator`.
+    continuous-time consistency distillation with the guided teacher's PF-ODE): draws ln sigma, then z, from
+    `generator`.
 
-    dx_t/dt = sigma_d F_teacher = (cos t x_t - D_w(x_t / cos t; sigma)) / sin t (eq. 6 with D the guided EDM
-    denoiser); the tangent g = cos(t) df^-/dt = -cos^2(t) (sigma_d F^- - dx_t/dt) - r cos(t) sin(t) (x_t +
-    sigma_d dF^-/dt) (eq. 8, r the warm-up), dF^-/dt along the ODE by a JVP of `target_fwd` (the online student,
+    dx_t/dt = sigma_d F_teacher = (cos t x_t - D_w(x_t / cos t; sigma)) / sin t (TrigFlow's PF-ODE, D the guided
+    EDM denoiser); the tangent g = cos(t) df^-/dt = -cos^2(t) (sigma_d F^- - dx_t/dt) - r cos(t) sin(t) (x_t +
+    sigma_d dF^-/dt) (r the warm-up), dF^-/dt along the ODE by a JVP of `target_fwd` (the online student,
     theta^- = sg(theta), F^- = sg(F_theta)); normalised g / (||g||_rms + c); loss = mean_b w(t) e^-u(t)
     ||F_theta - F^- - g||^2 / dim + u(t) with the prior weight w = 1 / sigma (FastGen, Sana-Sprint) and u the adaptive
     weighting (0 without).
@@ -264,7 +266,7 @@ def dmd_parts(nets: dict, x0: torch.Tensor, y: torch.Tensor, cfg: StepConfig, st
 
 def cd_losses(nets: dict, x0: torch.Tensor, y: torch.Tensor, cfg: StepConfig, step: int,
               gen: torch.Generator) -> list[LossPart]:
-    """Consistency distillation (Song et al. 2023, arXiv 2303.01469, eq. 7; LCM, Luo et al. 2023, eq. 9; iCT's
+    """Consistency distillation (CM: Song et al. 2023, arXiv 2303.01469; LCM: Luo et al. 2023; iCT's
     distance and index distribution): `cd_utils.cd_loss` of the student against its target at the guided
     teacher's ODE step, then DMD2's regulariser where it is on (`dmd_parts`). nets: "student" (called with grad),
     "target", "teacher", "fake"; x0 (B, ...) clean latents, y (B, ...) captions."""
@@ -278,7 +280,7 @@ def cd_losses(nets: dict, x0: torch.Tensor, y: torch.Tensor, cfg: StepConfig, st
 
 def scm_losses(nets: dict, x0: torch.Tensor, y: torch.Tensor, cfg: StepConfig, step: int,
                gen: torch.Generator) -> list[LossPart]:
-    """Continuous-time consistency distillation (sCM, Lu & Song 2024, Algorithm 1, eqs. 8-10; `scm_loss`), then
+    """Continuous-time consistency distillation (sCM, Lu & Song 2024; `scm_loss`), then
     DMD2's regulariser where it is on: rCM (Zheng et al. 2025, sCM + DMD). nets: "student" (with grad), "target"
     (the online student, for the JVP), "teacher", "weighting" (or None), "fake"."""
     def part() -> tuple[torch.Tensor, dict[str, float]]:
@@ -424,7 +426,7 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
                    "autodiff (exact; attention on the math SDPA backend) or a central finite difference (two float32 "
                    "forwards; any attention kernel) (default %(default)s)")
     g.add_argument("--scm-weighting", choices=("adaptive", "uniform"), default="adaptive",
-                   help="sCM's learned time weighting (eq. 10) or none (default %(default)s)")
+                   help="sCM's learned adaptive weighting or none (default %(default)s)")
 
 
 def cd_config_from_args(args: argparse.Namespace) -> CDConfig:
