@@ -350,6 +350,14 @@ def update_averages(nets: dict, cd: CDConfig, ema: float, step: int) -> None:
         ema_update(nets["ema"], nets["student"], ema_decay(ema, step))
 
 
+def describe_recipe(args: argparse.Namespace, cd: CDConfig) -> str:
+    """The options a recipe's losses read, as one line (sCM reads CDConfig's time distribution and guidance only)."""
+    if RECIPES[args.recipe].losses is scm_losses:
+        scm = step_config_from_args(args, cd, EDM).scm
+        return f"{scm}, ln sigma ~ N({cd.p_mean}, {cd.p_std}^2), w = {cd.guidance}"
+    return str(cd)
+
+
 def passes_per_sample(args: argparse.Namespace, cd: CDConfig) -> str:
     """A recipe's cost per sample and step in network passes, as a sentence."""
     t_calls = teacher_calls(cd)
@@ -421,7 +429,8 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("continuous-time consistency (--recipe scm / rcm; recipes.SCMConfig): the time "
                                   "distribution is --p-mean/--p-std, the teacher's guidance --w")
     g.add_argument("--tangent-warmup", type=int, help="steps over which the tangent's second term ramps in "
-                   "(default: a tenth of --steps)")
+                   "(default: --steps, the whole run: on the lab a ramp over a tenth of 300 steps broke the student, "
+                   "BENCHMARKS.md)")
     g.add_argument("--jvp", choices=JVP_MODES, default="forward", help="dF/dt along the teacher's ODE: forward-mode "
                    "autodiff (exact; attention on the math SDPA backend) or a central finite difference (two float32 "
                    "forwards; any attention kernel) (default %(default)s)")
@@ -441,7 +450,7 @@ def cd_config_from_args(args: argparse.Namespace) -> CDConfig:
 
 
 def step_config_from_args(args: argparse.Namespace, cd: CDConfig, edm: EDMConfig) -> StepConfig:
-    scm = SCMConfig(tangent_warmup=args.steps // 10 if args.tangent_warmup is None else args.tangent_warmup,
+    scm = SCMConfig(tangent_warmup=args.steps if args.tangent_warmup is None else args.tangent_warmup,
                     adaptive=args.scm_weighting == "adaptive", jvp=args.jvp)
     return StepConfig(cd, edm, args.steps if args.curriculum else 0, args.dmd_weight, args.dmd_start,
                       args.dmd_guidance, scm)

@@ -50,7 +50,7 @@ from lora import LORA_TARGETS
 from pipeline import Pipeline, add_pipeline_args, build_dit, get_preset, merge_lora, pipeline_from_args, save_lora, \
     save_student
 from recipes import FLAG_DEFAULTS, RECIPES, accumulate_gradients, add_recipe_args, cd_config_from_args, \
-    check_memory, make_networks, passes_per_sample, step_config_from_args, update_averages
+    check_memory, describe_recipe, make_networks, passes_per_sample, step_config_from_args, update_averages
 from utils import (StopRequest, UserError, append_jsonl, atomic_write, atomic_write_json, first_line, load_torch_file,
                    peak_memory_gb, rng_state, run_cli, set_rng_state, truncate_jsonl)
 from validation import LOG_FILE, VAL_DIR, VAL_LOG_FILE, VAL_STUDENT_STEPS, make_validator, plot_curves, steps_label, \
@@ -331,7 +331,7 @@ def print_plan(args: argparse.Namespace, cd: CDConfig, student: torch.nn.Module,
           f"{peak_memory_gb(device):.2f} GiB")
     print(f"steps {step} -> {args.steps}: batch {args.batch_size} x grad-accum {args.grad_accum} x {world} = "
           f"{args.batch_size * args.grad_accum * world} samples/step, lr {args.lr} ({args.warmup} warm-up, "
-          f"{args.lr_schedule}); recipe {args.recipe}: {cd}")
+          f"{args.lr_schedule}); recipe {args.recipe}: {describe_recipe(args, cd)}")
     print(f"cost per sample and step, in network passes: {passes_per_sample(args, cd)}")
 
 
