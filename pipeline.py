@@ -28,6 +28,7 @@ import torch.nn as nn
 from diffusers import AutoencoderKL
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import RemoteEntryNotFoundError
 from open_clip.transformer import TextTransformer
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -58,8 +59,9 @@ def hub_offline() -> bool:
 def hub_file(repo_id: str, filenames: Sequence[str]) -> Optional[str]:
     """Local path of the first of `filenames` found in Hugging Face repo `repo_id`, or None.
 
-    The local cache is searched first (no network). Only when none is cached and HF_HUB_OFFLINE is unset is
-    `filenames[0]` downloaded; huggingface_hub gives up on an unreachable hub after ~25 s of retries.
+    The local cache is searched first (no network). Only when none is cached and HF_HUB_OFFLINE is unset are the
+    names downloaded in order, as open_clip does: a name the repository lacks moves on to the next (huggingface_hub
+    shows a progress bar and gives up on an unreachable hub after ~25 s of retries, once).
     """
     for name in filenames:
         path = try_to_load_from_cache(repo_id, name)
@@ -67,10 +69,14 @@ def hub_file(repo_id: str, filenames: Sequence[str]) -> Optional[str]:
             return path
     if hub_offline():
         return None
-    try:
-        return hf_hub_download(repo_id, filenames[0])
-    except Exception:  # no network, no such repo or file, no permission: all mean "not available here"
-        return None
+    for name in filenames:
+        try:
+            return hf_hub_download(repo_id, name)
+        except RemoteEntryNotFoundError:  # the repository is there, this file is not: try the next name
+            continue
+        except Exception:  # no network, no such repo, no permission: all mean "not available here"
+            return None
+    return None
 
 
 def _no_source(source: Optional[str], option: str) -> None:

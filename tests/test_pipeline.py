@@ -182,6 +182,36 @@ def test_xl_text_encoder_and_vae_without_cache(no_hub, tmp_path):
     assert time.time() - start < 5
 
 
+def test_hub_file_downloads_the_names_in_order(tmp_path, monkeypatch):
+    """Online with an empty cache: a name the repository lacks (404) moves on to the next, as open_clip falls back
+    from open_clip_model.safetensors to open_clip_pytorch_model.bin; any other failure gives up at once (None)."""
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(pipeline, "try_to_load_from_cache", lambda repo_id, name: None)
+    asked = []
+
+    def stand_in_hub(repo_id, name):
+        asked.append(name)
+        if name == pipeline.OPEN_CLIP_WEIGHTS[0]:
+            raise RemoteEntryNotFoundError.__new__(RemoteEntryNotFoundError)  # 404: not in this repository
+        return str(tmp_path / name)
+
+    monkeypatch.setattr(pipeline, "hf_hub_download", stand_in_hub)
+    assert pipeline.hub_file(pipeline.DFN5B_HUB_ID, pipeline.OPEN_CLIP_WEIGHTS) == \
+        str(tmp_path / pipeline.OPEN_CLIP_WEIGHTS[1])
+    assert asked == list(pipeline.OPEN_CLIP_WEIGHTS)
+
+    def unreachable(repo_id, name):
+        asked.append(name)
+        raise OSError("no network")
+
+    asked.clear()
+    monkeypatch.setattr(pipeline, "hf_hub_download", unreachable)
+    assert pipeline.hub_file(pipeline.DFN5B_HUB_ID, pipeline.OPEN_CLIP_WEIGHTS) is None
+    assert asked == [pipeline.OPEN_CLIP_WEIGHTS[0]]  # one network wait, not one per name
+
+
 def test_pretrained_vae_from_folder_and_cache(no_hub, pipe, tmp_path):
     """A diffusers folder given as --vae, and the same files found in the HF cache layout with no network."""
     folder = tmp_path / "vae"
