@@ -5,7 +5,7 @@ device's memory runs out: seconds per step, samples/s, FLOPs, MFU and peak memor
         --batch-size 8 16 32 64          # part of bench_gpu.sh
     python bench_train.py --preset tiny-random --batch-size 2 4                  # a check on the CPU
 
-The networks, the flags and the step are train.py's (`train.parse_args` with --recipe, `recipes.make_networks`,
+The networks, the flags and the step are train.py's (`train_args.parse_args` with --recipe, `recipes.make_networks`,
 `recipes.accumulate_gradients`); the batches are random latents and caption embeddings of the preset's shapes (the
 speed does not depend on them). One step = the recipe's losses (default: `cd_loss`, the guided teacher ODE step,
 Heun; the EMA target; the student's forward) under the --precision autocast, their backward, gradient clipping,
@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 import recipes
-import train
+import train_args
 from pipeline import DTYPES, PRESETS, get_preset, load_pipeline
 from utils import peak_memory_gb, run_cli, timed
 
@@ -40,7 +40,7 @@ def default_peak_tflops(device: torch.device) -> Optional[float]:
 def bench_student(args: argparse.Namespace, lora_rank: int, device: torch.device, peak: Optional[float]) -> None:
     """Print one table row per batch size for the student of `lora_rank` (0: full), stopping at the first OOM."""
     preset = get_preset(args.preset)
-    targs = train.parse_args(["--preset", preset.name, "--dtype", args.dtype, "--lora-rank", str(lora_rank),
+    targs = train_args.parse_args(["--preset", preset.name, "--dtype", args.dtype, "--lora-rank", str(lora_rank),
                               "--recipe", args.recipe]
                              + (["--teacher", args.teacher] if args.teacher else [])
                              + (["--grad-checkpointing"] if args.grad_checkpointing else []))

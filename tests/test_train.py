@@ -17,6 +17,7 @@ import generate_data
 import recipes
 import shapes
 import train
+import train_args
 from cd_utils import SEED_RECIPE, CDConfig, cd_loss
 from dataset import ImageCaptionDataset, LatentCaptionDataset
 from microdit import load_dit_weights
@@ -223,8 +224,8 @@ def test_cli_flags_cover_cd_config():
     assert cd == CDConfig(**{**SEED_RECIPE, "num_scales": 20, "p_mean": 0.5, "guidance": 3.0,
                              "guidance_range": (2.0, 8.0)})
     assert recipes.cd_config_from_args(train.parse_args([])) == CDConfig()
-    assert args.steps == 7 and args.batch_size == train.PRESET_DEFAULTS["tiny-random"]["batch_size"]
-    assert train.parse_args([]).data_dir == train.PRESET_DEFAULTS["tiny"]["data_dir"]
+    assert args.steps == 7 and args.batch_size == train_args.PRESET_DEFAULTS["tiny-random"]["batch_size"]
+    assert train.parse_args([]).data_dir == train_args.PRESET_DEFAULTS["tiny"]["data_dir"]
     with pytest.raises(UserError, match="--w-min and --w-max go together"):
         recipes.cd_config_from_args(train.parse_args(["--w-min", "2"]))
     with pytest.raises(UserError, match="--steps must be >= 1"):
