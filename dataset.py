@@ -10,15 +10,23 @@ DATA_DIR layout (generate_data.py writes all of it; a hand-made image folder nee
 
 `get_dataloader` prefers the latent shards (training then needs neither the VAE nor the text encoder) and falls
 back to images + captions. `python dataset.py DATA_DIR` prints a summary and checks every file.
+
+Latents people already have (`import_latent_files`; `python dataset.py --import SRC`, or `train.py --data-dir SRC`):
+    SRC/latents/STEM.pt   one tensor (C, h, w) per image: VAE latents, with or without the scaling factor
+    SRC/prompts/STEM.txt  its caption
+become latent shards (the captions encoded once by the preset's text encoder) in DATA_DIR/latents, next to the
+.pt files when DATA_DIR is SRC, with manifest.json saying what was imported and how it was scaled.
 """
 import argparse
 import csv
+import hashlib
 import json
+import math
 import os
 import sys
 import zlib
 from collections import Counter
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,14 +34,18 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
-from utils import UserError, atomic_write, run_cli
+from pipeline import add_pipeline_args, get_preset, load_text_encoder
+from utils import UserError, atomic_write, atomic_write_json, load_torch_file, run_cli
 
 IMAGES_DIR, LATENTS_DIR = "images", "latents"
 CAPTIONS_JSON, CAPTIONS_CSV, MANIFEST_JSON = "captions.json", "captions.csv", "manifest.json"
 SHARD_FORMAT = "microdit-teacher-latents-v1"
 SHARD_DTYPE = torch.float16
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+PROMPTS_DIR = "prompts"  # captions of imported latent files: SRC/prompts/STEM.txt beside SRC/latents/STEM.pt
+IMPORT_SHARD_SIZE = 256  # items per shard (and per text-encoder batch) of an import
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,6 +349,136 @@ def get_dataloader(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Importing latents people already have: SRC/latents/STEM.pt + SRC/prompts/STEM.txt
+
+
+def latent_files(src: str) -> list[tuple[str, str]]:
+    """(latent .pt path, caption .txt path) of every SRC/latents/*.pt, sorted by stem; [] if there are none.
+    UserError naming the first .pt whose caption file is missing."""
+    folder = os.path.join(src, LATENTS_DIR)
+    if not os.path.isdir(folder):
+        return []
+    stems = sorted(n[:-3] for n in os.listdir(folder) if n.endswith(".pt") and not n.startswith("."))
+    pairs = [(os.path.join(folder, f"{s}.pt"), os.path.join(src, PROMPTS_DIR, f"{s}.txt")) for s in stems]
+    missing = [txt for _, txt in pairs if not os.path.isfile(txt)]
+    if missing:
+        raise UserError(f"{len(missing)} latent files have no caption, the first: {missing[0]} is missing")
+    return pairs
+
+
+def read_latent_file(path: str, latent_shape: Sequence[int]) -> torch.Tensor:
+    """One imported latent tensor, float32 (C, h, w), loaded with weights_only (no code runs). UserError naming the
+    file for a pickled object, something not a tensor, another shape, or non-finite values."""
+    x = load_torch_file(path, "latent file")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise UserError(f"{path}: expected one floating-point tensor {tuple(latent_shape)}, found {type(x).__name__}"
+                        + (f" of {x.dtype}" if isinstance(x, torch.Tensor) else ""))
+    if tuple(x.shape) != tuple(latent_shape):
+        raise UserError(f"{path}: latents of shape {tuple(x.shape)}, this preset needs {tuple(latent_shape)}")
+    if not x.isfinite().all():
+        raise UserError(f"{path}: non-finite values")
+    return x.float()
+
+
+def read_caption_file(path: str) -> str:
+    """The caption in a .txt file, stripped; UserError naming the file if it is empty or not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            caption = f.read().strip()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e})") from None
+    if not caption:
+        raise UserError(f"{path}: empty caption")
+    return caption
+
+
+def scaling_multiplier(std: float, scaling_factor: Optional[float], scaled: Optional[bool]) -> tuple[float, str]:
+    """What to multiply imported latents by so that they are the DiT's input (VAE latents times the scaling factor
+    s, spec section 5), and why. `scaled`: the user's word (True: already times s); None: decide from their
+    standard deviation, ~1 once scaled and ~1/s (7.7 for SDXL's 0.13025) before: the threshold is their geometric
+    mean, 1/sqrt(s)."""
+    if scaling_factor is None:
+        return 1.0, "the preset's codec has no scaling factor: latents used as they are"
+    threshold = scaling_factor ** -0.5
+    if scaled is None:
+        scaled = std < threshold
+        how = f"std {std:.3g} {'<' if scaled else '>='} 1/sqrt(s) = {threshold:.3g}"
+    else:
+        how = f"--latents-scaled {'yes' if scaled else 'no'}"
+    if scaled:
+        return 1.0, f"{how}: already multiplied by the scaling factor s = {scaling_factor:g}, used as they are"
+    return scaling_factor, f"{how}: not yet multiplied by the scaling factor s = {scaling_factor:g}, multiplied by it"
+
+
+def import_latent_files(src: str, data_dir: str, encode: Callable[[list[str]], torch.Tensor],
+                        latent_shape: Sequence[int], scaling_factor: Optional[float],
+                        scaled: Optional[bool] = None, settings: Optional[dict] = None) -> dict:
+    """SRC/latents/*.pt + SRC/prompts/*.txt -> latent shards in DATA_DIR/latents (item i = the i-th stem in sorted
+    order), the captions encoded by `encode` (B captions -> (B, 1, L, D)) once. Every file is read and checked
+    before the first caption is encoded (one-line UserErrors naming the file); the latents are multiplied as
+    `scaling_multiplier` decides. Resumable: a finished shard is kept. `settings` (e.g. the preset) are recorded
+    in manifest.json with the scaling, and a rerun with other ones is refused. Returns the manifest."""
+    pairs = latent_files(src)
+    if not pairs:
+        raise UserError(f"{src}: no {LATENTS_DIR}/*.pt latent files to import")
+    stems = [os.path.basename(pt)[:-3] for pt, _ in pairs]
+    record = dict(source="import", imported_from=os.path.abspath(src), num_items=len(pairs), scaled=scaled,
+                  stems_sha256=hashlib.sha256("\n".join(stems).encode("utf-8")).hexdigest(), **(settings or {}))
+    manifest_path = os.path.join(data_dir, MANIFEST_JSON)
+    old = {}
+    if os.path.isfile(manifest_path):
+        with open(manifest_path, encoding="utf-8") as f:
+            old = json.load(f)
+        diff = [f"{k}={old.get('settings', {}).get(k)!r} (now {v!r})" for k, v in record.items()
+                if old.get("settings", {}).get(k) != v]
+        if diff and list_shards(data_dir):
+            raise UserError(f"{data_dir} holds latents imported with other settings: {', '.join(diff)}; delete "
+                            f"{os.path.join(data_dir, LATENTS_DIR)}/shard_*.safetensors and {manifest_path} to redo it")
+        if not diff and old.get("complete"):
+            print(f"{data_dir}: {len(pairs)} latent files imported before; {old['scaling']}")
+            return old
+    captions = [read_caption_file(txt) for _, txt in pairs]
+    total, total_sq, count = 0.0, 0.0, 0
+    for pt, _ in tqdm(pairs, unit="file", desc="checking latent files"):
+        x = read_latent_file(pt, latent_shape).double()
+        total, total_sq, count = total + x.sum().item(), total_sq + x.square().sum().item(), count + x.numel()
+    std = math.sqrt(max(total_sq / count - (total / count) ** 2, 0.0))
+    multiplier, how = scaling_multiplier(std, scaling_factor, scaled)
+    print(f"{src}: {len(pairs)} latent files, std {std:.3g}; {how}")
+    if list_shards(data_dir) and old.get("multiplier", multiplier) != multiplier:
+        raise UserError(f"{data_dir} holds latents imported with another multiplier ({old['multiplier']:g}, now "
+                        f"{multiplier:g}); delete its shards and {manifest_path} to redo it")
+    os.makedirs(os.path.join(data_dir, LATENTS_DIR), exist_ok=True)
+    atomic_write_json(manifest_path, dict(settings=record, multiplier=multiplier, complete=False))
+    done = set(list_shards(data_dir))
+    for start in tqdm(range(0, len(pairs), IMPORT_SHARD_SIZE), unit="shard", desc="encoding captions"):
+        indices = list(range(start, min(start + IMPORT_SHARD_SIZE, len(pairs))))
+        path = os.path.join(data_dir, LATENTS_DIR, shard_name(indices))
+        if path in done:
+            continue
+        latents = torch.stack([read_latent_file(pairs[i][0], latent_shape) for i in indices]) * multiplier
+        texts = [captions[i] for i in indices]
+        save_shard(path, latents, encode(texts).cpu(), indices, texts)
+    manifest = dict(settings=record, multiplier=multiplier, complete=True, num_prompts=len(pairs),
+                    num_finished=len(pairs), latents_std_in_files=std, scaling=how,
+                    stored_dtype=str(SHARD_DTYPE).removeprefix("torch."))
+    atomic_write_json(manifest_path, manifest)
+    return manifest
+
+
+def import_from_args(args: argparse.Namespace, src: str, data_dir: str, device: str | torch.device = "cpu") -> dict:
+    """`import_latent_files` with the text encoder and scaling factor of the options of `add_pipeline_args`
+    (--preset --text-encoder --vae) and --latents-scaled (auto | yes | no); random towers drawn from seed 0 as
+    `pipeline_from_args` draws them."""
+    preset = get_preset(args.preset)
+    scaling_factor = getattr(preset.codec.build(args.vae, torch.float32, 0), "scaling_factor", None)
+    encoder = load_text_encoder(preset, args.text_encoder, device)
+    scaled = {"auto": None, "yes": True, "no": False}[args.latents_scaled]  # add_import_args
+    return import_latent_files(src, data_dir, encoder.encode, preset.latent_shape, scaling_factor, scaled,
+                               dict(preset=preset.name, text_encoder=args.text_encoder))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Summary
 
 
@@ -368,44 +510,69 @@ def summarize(data_dir: str, num_captions: int = 3) -> list[str]:
             problems.append(str(e))
     else:
         lines.append("latents: none")
-    try:
-        captions = read_captions(data_dir)
-        image_dir = os.path.join(data_dir, IMAGES_DIR)
-        names = sorted(captions)
-        sizes: Counter = Counter()
-        for name in names:
-            path = os.path.join(image_dir, name)
-            if not os.path.isfile(path):
-                problems.append(f"caption for a missing image: {path}")
-                continue
-            try:
-                with Image.open(path) as im:
-                    im.load()
-                    sizes[(im.width, im.height, im.mode)] += 1
-            except (OSError, SyntaxError, ValueError) as e:
-                problems.append(f"corrupt image {path} ({e})")
-        lines.append(f"images: {sum(sizes.values())} readable of {len(names)} captioned; "
-                     + ", ".join(f"{w}x{h} {mode}: {n}" for (w, h, mode), n in sizes.most_common()))
-        if latent_indices:
-            stems = {int(os.path.splitext(n)[0]) for n in names if os.path.splitext(n)[0].isdigit()}
-            if stems != latent_indices:
-                problems.append(f"{len(latent_indices - stems)} latent items have no captioned image, "
-                                f"{len(stems - latent_indices)} captioned images have no latents")
-        lines += [f"  {n}: {captions[n]!r}" for n in names[:num_captions]]
-    except UserError as e:
-        problems.append(str(e))
+    has_captions = any(os.path.isfile(os.path.join(data_dir, n)) for n in (CAPTIONS_JSON, CAPTIONS_CSV))
+    if latent_indices and not has_captions:  # imported latents, or shards alone: no images to check
+        lines.append("images: none")
+    else:
+        try:
+            captions = read_captions(data_dir)
+            image_dir = os.path.join(data_dir, IMAGES_DIR)
+            names = sorted(captions)
+            sizes: Counter = Counter()
+            for name in names:
+                path = os.path.join(image_dir, name)
+                if not os.path.isfile(path):
+                    problems.append(f"caption for a missing image: {path}")
+                    continue
+                try:
+                    with Image.open(path) as im:
+                        im.load()
+                        sizes[(im.width, im.height, im.mode)] += 1
+                except (OSError, SyntaxError, ValueError) as e:
+                    problems.append(f"corrupt image {path} ({e})")
+            lines.append(f"images: {sum(sizes.values())} readable of {len(names)} captioned; "
+                         + ", ".join(f"{w}x{h} {mode}: {n}" for (w, h, mode), n in sizes.most_common()))
+            if latent_indices:
+                stems = {int(os.path.splitext(n)[0]) for n in names if os.path.splitext(n)[0].isdigit()}
+                if stems != latent_indices:
+                    problems.append(f"{len(latent_indices - stems)} latent items have no captioned image, "
+                                    f"{len(stems - latent_indices)} captioned images have no latents")
+            lines += [f"  {n}: {captions[n]!r}" for n in names[:num_captions]]
+        except UserError as e:
+            problems.append(str(e))
     lines.append(f"problems: {len(problems)}")
     lines += [f"  {p}" for p in problems]
     return lines
 
 
+def add_import_args(parser: argparse.ArgumentParser) -> None:
+    """--latents-scaled, the one option of an import beyond the pipeline's (train.py has it too)."""
+    parser.add_argument("--latents-scaled", choices=("auto", "yes", "no"), default="auto",
+                        help="imported latents are already multiplied by the VAE's scaling factor (yes), not yet "
+                        "(no), or tell from their standard deviation (auto)")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Summarize and check a data folder (teacher data or images + "
-                                     "captions): item counts, shapes, dtypes, a few captions, problems found.")
-    parser.add_argument("data_dir")
+    parser = argparse.ArgumentParser(
+        description="Summarize and check a data folder (teacher data or images + captions): item counts, shapes, "
+                    "dtypes, a few captions, problems found. With --import SRC: make latent shards from a folder "
+                    "SRC/latents/*.pt + SRC/prompts/*.txt.",
+        epilog="python dataset.py data/teacher; python dataset.py --import my_latents --preset microdit-xl-512")
+    parser.add_argument("data_dir", nargs="?", help="the folder to summarize, or where --import writes (default SRC)")
     parser.add_argument("--captions", type=int, default=3, help="how many captions to show")
+    parser.add_argument("--import", dest="import_from", metavar="SRC", help="import SRC/latents/*.pt (one (C, h, w) "
+                        "tensor per image) and SRC/prompts/*.txt (its caption, same stem) as latent shards")
+    add_pipeline_args(parser)  # --preset --text-encoder --vae (the others are not used here)
+    add_import_args(parser)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the text encoder runs")
     args = parser.parse_args(argv)
-    print("\n".join(summarize(args.data_dir, args.captions)))
+    if args.import_from:
+        data_dir = args.data_dir or args.import_from
+        import_from_args(args, args.import_from, data_dir, args.device)
+    elif not args.data_dir:
+        parser.error("give a DATA_DIR to summarize, or --import SRC")
+    print("\n".join(summarize(args.data_dir or args.import_from, args.captions)))
 
 
 if __name__ == "__main__":

@@ -586,6 +586,13 @@ class Pipeline:
         return self.codec.decode(latents.to(self.device))
 
 
+def load_text_encoder(preset: Preset, source: Optional[str] = None, device: str | torch.device = "cpu",
+                      seed: int = 0) -> TextEncoder:
+    """The preset's text encoder alone, frozen, float32 on `device`: from `source` (--text-encoder), else the HF
+    cache/hub; a random tower is drawn from `seed` (as load_pipeline draws it)."""
+    return _frozen(preset.text_encoder.build(source, seed), torch.device(device), torch.float32)
+
+
 def load_pipeline(
     preset: str,
     teacher: Optional[str] = None,
@@ -602,7 +609,7 @@ def load_pipeline(
     p = get_preset(preset)
     device = torch.device(device)
     dit = _frozen(build_dit(p, teacher, seed), device, dtype)
-    encoder = _frozen(p.text_encoder.build(text_encoder, seed), device, torch.float32)
+    encoder = load_text_encoder(p, text_encoder, device, seed)
     _check_text_fingerprint(teacher_path(p, teacher), encoder)
     if encoder.width != dit.caption_channels:
         raise UserError(f"text encoder width {encoder.width} does not match the DiT's caption_channels "

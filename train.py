@@ -11,7 +11,8 @@
 
 Data: the latent shards of `generate_data.py` (teacher latents + text embeddings: no VAE or text encoder in the
 loop), or images + captions (encoded on the fly). An empty --data-dir is first filled by generate_data with the
-preset's own prompts (the shapes world) or --prompts FILE.
+preset's own prompts (the shapes world) or --prompts FILE; a folder of latents/*.pt + prompts/*.txt is first
+imported into latent shards beside them (dataset.import_latent_files; --latents-scaled).
 
 Networks: the teacher (frozen), the student (initialised from the teacher, trained), the target network of
 CDConfig (an EMA of the student with decay target_decay, or for target_decay = 0 the online student under
@@ -46,7 +47,8 @@ from tqdm import tqdm
 import generate_data
 import train_args
 from cd_utils import CDConfig
-from dataset import CAPTIONS_CSV, CAPTIONS_JSON, MANIFEST_JSON, check_data_dir, get_dataloader, list_shards
+from dataset import (CAPTIONS_CSV, CAPTIONS_JSON, MANIFEST_JSON, check_data_dir, get_dataloader, import_from_args,
+                     latent_files, list_shards)
 from lora import LORA_TARGETS
 from pipeline import Pipeline, build_dit, get_preset, merge_lora, pipeline_from_args, save_lora, save_student
 from recipes import RECIPES, accumulate_gradients, cd_config_from_args, check_memory, describe_recipe, \
@@ -85,8 +87,13 @@ def needs_teacher_data(data_dir: str) -> bool:
     return not list_shards(data_dir) and not has_captions
 
 
-def ensure_teacher_data(args: argparse.Namespace, device: torch.device) -> None:
-    """Fill (or finish) --data-dir with teacher data through generate_data (every process takes its share)."""
+def ensure_teacher_data(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Import --data-dir's latent files (latents/*.pt + prompts/*.txt) into latent shards (main process), or
+    fill (or finish) it with teacher data through generate_data (every process takes its share)."""
+    if latent_files(args.data_dir):
+        if accelerator.is_main_process:
+            import_from_args(args, args.data_dir, args.data_dir, accelerator.device)
+        return
     if not any(gather_object([needs_teacher_data(args.data_dir)])):  # collective: all ranks decide alike
         return
     preset = get_preset(args.preset)
@@ -94,7 +101,7 @@ def ensure_teacher_data(args: argparse.Namespace, device: torch.device) -> None:
     print(f"no teacher data in {args.data_dir}: generating it ({len(prompts)} prompts, {preset.num_steps} Heun "
           f"steps, guidance {preset.guidance_scale}, seed {generate_data.TEACHER_DATA_SEED})")
     generate_data.generate(args, prompts, args.data_dir, args.gen_batch_size, preset.num_steps, preset.guidance_scale,
-                           device=str(device))
+                           device=str(accelerator.device))
 
 
 def model_inputs(batch: dict, pipe: Pipeline, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,8 +268,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     resume_from = resolve_resume(args)
     check_memory(args, cd, device)
 
-    # Data: generated if missing, then read through before the teacher's validation images are made
-    ensure_teacher_data(args, device)
+    # Data: imported or generated if missing, then read through before the teacher's validation images are made
+    ensure_teacher_data(args, accelerator)
     accelerator.wait_for_everyone()
     check_data_dir(args.data_dir, preset.latent_shape, preset.dit_kwargs["caption_channels"])
 

@@ -4,6 +4,7 @@ recipes.add_recipe_args."""
 import argparse
 from typing import Any, Optional
 
+from dataset import add_import_args
 from pipeline import add_pipeline_args, get_preset
 from recipes import FLAG_DEFAULTS, RECIPES, add_recipe_args
 from utils import UserError
@@ -41,13 +42,15 @@ def parse_args(argv: Optional[list[str]] = None, usage: str = "") -> argparse.Na
     add_pipeline_args(parser)  # --preset --teacher --vae --text-encoder --dtype (the teacher's) --vae-dtype
     parser.set_defaults(preset="tiny")  # the embedded default (add_pipeline_args defaults to the real teacher)
     g = parser.add_argument_group("data")
-    g.add_argument("--data-dir", help=f"teacher data (latent shards) or images + captions; {per_preset('data_dir')}")
+    g.add_argument("--data-dir", help=f"teacher data (latent shards), images + captions, or latents/*.pt + "
+                                     f"prompts/*.txt (imported); {per_preset('data_dir')}")
     g.add_argument("--prompts", help="prompt file for generating the teacher data when --data-dir is empty "
                                      "(default: the preset's own prompts; the shapes world has them)")
     g.add_argument("--gen-num", type=int, help=f"teacher samples to generate from the preset's prompts; "
                                                 f"{per_preset('gen_num')}")
     g.add_argument("--gen-batch-size", type=int, help=f"teacher data generation batch; {per_preset('gen_batch_size')}")
     g.add_argument("--num-workers", type=int, help=f"DataLoader workers per process; {per_preset('num_workers')}")
+    add_import_args(g)  # --latents-scaled, for a --data-dir of latents/*.pt + prompts/*.txt
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help=f"optimizer steps; {per_preset('steps')}")
     g.add_argument("--batch-size", type=int, help=f"samples per process per micro-step; {per_preset('batch_size')}")
