@@ -31,7 +31,7 @@ import microdit
 from cd_utils import EDM, INDEX_DISTS, LOSSES, SEED_RECIPE, SOLVERS, WEIGHTINGS, CDConfig, EDMConfig, ModelFwd, \
     cd_loss, curriculum_scales, consistency_distance, consistency_forward, edm_forward, edm_loss, ema_decay, \
     ema_update, guided_edm_forward, teacher_calls, training_noise
-from lora import add_adapters
+from lora import add_adapters, lora_layers, recompute_context
 from pipeline import DTYPES, GUIDANCE_FILE, Pipeline, build_dit, get_preset
 from utils import UserError, seed_everything
 
@@ -461,10 +461,13 @@ def step_config_from_args(args: argparse.Namespace, cd: CDConfig, edm: EDMConfig
 # ----------------------------------------------------------------------------------------------------------------
 
 def enable_grad_checkpointing(dit: torch.nn.Module) -> None:
-    """Recompute every transformer block (patch mixer and backbone) in the backward pass (torch.utils.checkpoint)."""
+    """Recompute every transformer block (patch mixer and backbone) in the backward pass (torch.utils.checkpoint),
+    a DiT with LoRA adapters with the adapter of the block's forward (`lora.recompute_context`)."""
     blocks = list(dit.blocks) + (list(dit.patch_mixer) if dit.use_patch_mixer else [])
+    context = dict(context_fn=recompute_context(dit)) if lora_layers(dit) else {}
     for block in blocks:
-        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False,
+                                          **context)
 
 
 def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -488,15 +491,16 @@ def make_networks(args: argparse.Namespace, cd: CDConfig, pipe: Pipeline, device
     schedule.
 
     Full student: a float32 copy of the teacher on `device`; the target, slow EMA and fake are copies of it. LoRA
-    student (--lora-rank): `lora.Adapter`s on the teacher's DiT, and pipe.dit becomes the adapter-free one (the
-    teacher)."""
+    student (--lora-rank): `lora.Adapter`s on the teacher's DiT (the fake a second trainable adapter, starting as
+    the teacher), and pipe.dit becomes the adapter-free one (the teacher)."""
     seed_everything(args.seed)  # a new guidance embedder or the LoRA A factors are drawn from it
     if args.lora_rank:
-        names = ["student"] + [n for n, on in (("target", cd.target_decay > 0), ("ema", args.ema > 0)) if on]
+        names = ["student"] + [n for n, on in (("target", cd.target_decay > 0), ("ema", args.ema > 0),
+                                               ("fake", args.dmd_weight > 0)) if on]
         base = pipe.dit
-        adapters = add_adapters(base, names, args.lora_rank, args.lora_alpha)
+        adapters = add_adapters(base, names, args.lora_rank, args.lora_alpha, trainable=("student", "fake"))
         pipe.dit = adapters[None]  # the pipeline (validation, teacher passes) keeps sampling the teacher
-        nets = {k: adapters.get(k) for k in ("student", "target", "ema")} | {"fake": None}
+        nets = {k: adapters.get(k) for k in ("student", "target", "ema", "fake")}
     else:
         base = build_dit(pipe.preset, args.teacher)
         if cd.guidance_range is not None:
@@ -509,7 +513,7 @@ def make_networks(args: argparse.Namespace, cd: CDConfig, pipe: Pipeline, device
     nets["weighting"] = AdaptiveWeighting().to(device) if adaptive else None
     student = nets["student"]
     if args.grad_checkpointing:
-        for net in (base, nets["fake"]):
+        for net in (base, None if args.lora_rank else nets["fake"]):
             if net is not None:
                 enable_grad_checkpointing(net)
     groups = [{"params": list(student.parameters())
@@ -548,7 +552,7 @@ def check_memory(args: argparse.Namespace, cd: CDConfig, device: torch.device) -
     trained = sum(p.numel() for p in add_adapters(dit, ["student"], args.lora_rank, args.lora_alpha)["student"]
                   .parameters()) if args.lora_rank else base
     averages = (cd.target_decay > 0) + (args.ema > 0)
-    fake = state_bytes(0, base, DTYPES[args.dtype], 0) if args.dmd_weight > 0 else 0  # a trained fp32 copy
+    fake = state_bytes(0, trained, DTYPES[args.dtype], 0) if args.dmd_weight > 0 else 0  # a trained copy/adapter
     need = (state_bytes(base, trained, DTYPES[args.dtype], averages) + fake) / 2**30
     fake_note = " and a DMD fake denoiser" if fake else ""
     have = available_memory_gib(device)

@@ -124,7 +124,6 @@ def parse_args(argv: Optional[list[str]] = None, usage: str = "") -> argparse.Na
     if args.dmd_weight:
         args.fake_lr = args.fake_lr or args.lr
         problems += [f"--dmd-weight does not go with {flag} yet" for flag, given in (
-            ("--lora-rank (the fake denoiser would be a second trainable adapter)", args.lora_rank > 0),
             ("--w-min/--w-max", args.w_min is not None), ("--compile", args.compile)) if given]
     if args.lora_rank:
         args.lora_alpha = args.lora_alpha or float(args.lora_rank)

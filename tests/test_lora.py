@@ -169,6 +169,54 @@ def test_scm_trains_a_lora_student_with_either_jvp(data_dir, teacher_file, tmp_p
     assert runs["forward"]["loss"] == pytest.approx(runs["finite-difference"]["loss"], rel=1e-2)
 
 
+def dmd_gradients(teacher_file, checkpointing):
+    """{adapter: its factors' gradients} after one backward of DMD2's two losses on adapters of one DiT."""
+    dit = build_dit(PRESET, teacher_file).eval().requires_grad_(False)
+    torch.manual_seed(0)
+    adapters = add_adapters(dit, ["student", "target", "fake"], 4, 8.0, trainable=("student", "fake"))
+    with torch.no_grad():  # the adapters differ from the teacher and from each other
+        for name in ("student", "fake"):
+            for key, p in adapters[name].factors.items():
+                if key.endswith("lora_B"):
+                    p.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    if checkpointing:
+        recipes.enable_grad_checkpointing(dit)
+    x0, _, y = inputs(batch=4)
+    gen, fake = recipes.dmd_losses(adapters["student"], adapters["fake"], adapters[None], x0, y, CDConfig(),
+                                   PRESET.edm_config, torch.Generator().manual_seed(0))
+    (gen + fake).backward()
+    assert all(p.grad is None for p in dit.parameters() if id(p) not in
+               {id(q) for name in ("student", "fake") for q in adapters[name].parameters()})
+    return {name: [p.grad for p in adapters[name].parameters()] for name in ("student", "fake")}
+
+
+def test_lora_dmd_trains_the_student_and_fake_adapters_with_or_without_checkpointing(teacher_file):
+    """The fake denoiser is a second trainable adapter: one backward of the step's losses (the student's forward
+    ran before the teacher's and the fake's) reaches both adapters, and gradient checkpointing recomputes each
+    block with the adapter of its forward (without lora.recompute_context it would use the fake's)."""
+    plain, recomputed = dmd_gradients(teacher_file, False), dmd_gradients(teacher_file, True)
+    for name in ("student", "fake"):
+        assert all(g is not None for g in plain[name]) and sum(g.abs().sum() for g in plain[name]) > 0, name
+        for a, b in zip(plain[name], recomputed[name], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_lora_one_step_recipe_resumes_exactly_and_exports(data_dir, teacher_file, tmp_path):
+    common = ["--teacher", teacher_file, "--recipe", "one-step", "--steps", 4, "--lora-rank", 4, "--lr", 1e-2,
+              "--ckpt-every", 2, "--keep-ckpts", 3, "--batch-size", 2, "--grad-checkpointing"]
+    straight = run(data_dir, tmp_path / "straight", *common)
+    assert os.path.isfile(straight["lora"]) and os.path.isfile(straight["student"])
+    ckpt = load_checkpoint(tmp_path / "straight", 4)
+    assert ckpt["fake"].keys() == ckpt["student"].keys()  # an adapter, checkpointed as the student is
+    assert not all(torch.equal(ckpt["fake"][k], ckpt["student"][k]) for k in ckpt["fake"])
+    os.makedirs(tmp_path / "resumed" / train.CKPT_DIR)
+    shutil.copy(train.checkpoint_path(str(tmp_path / "straight"), 2), tmp_path / "resumed" / train.CKPT_DIR)
+    PartialState._reset_state()
+    run(data_dir, tmp_path / "resumed", *common, "--resume", "auto")
+    a, b = tensors(ckpt), tensors(load_checkpoint(tmp_path / "resumed", 4))
+    assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+
+
 @pytest.mark.parametrize("flags, message", [(["--w-min", 2, "--w-max", 6], "does not go with --w-min"),
                                             (["--compile"], "does not go with --compile"),
                                             (["--lora-alpha", 0], "--lora-alpha must be > 0")])

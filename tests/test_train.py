@@ -236,8 +236,9 @@ def test_cli_flags_cover_cd_config():
     assert recipes.cd_config_from_args(one_step) == CDConfig() and one_step.fake_lr == one_step.lr
     assert train.parse_args(["--recipe", "one-step", "--dmd-weight", "0"]).dmd_weight == 0
     assert train.parse_args([]).dmd_weight == 0 and train.parse_args([]).lr_schedule == "constant"
-    with pytest.raises(UserError, match="--dmd-weight does not go with --lora-rank"):
-        train.parse_args(["--recipe", "one-step", "--lora-rank", "8"])
+    assert train.parse_args(["--recipe", "one-step", "--lora-rank", "8"]).dmd_weight > 0  # a fake adapter
+    with pytest.raises(UserError, match="--dmd-weight does not go with --w-min"):
+        train.parse_args(["--recipe", "one-step", "--w-min", "2", "--w-max", "6"])
 
 
 @pytest.mark.parametrize("student", [[], ["--lora-rank", "4"], ["--dmd-weight", "0.5", "--grad-accum", "2"]],
