@@ -41,9 +41,9 @@ def bench_student(args: argparse.Namespace, lora_rank: int, device: torch.device
     """Print one table row per batch size for the student of `lora_rank` (0: full), stopping at the first OOM."""
     preset = get_preset(args.preset)
     targs = train_args.parse_args(["--preset", preset.name, "--dtype", args.dtype, "--lora-rank", str(lora_rank),
-                              "--recipe", args.recipe]
-                             + (["--teacher", args.teacher] if args.teacher else [])
-                             + (["--grad-checkpointing"] if args.grad_checkpointing else []))
+                                   "--recipe", args.recipe]
+                                  + (["--teacher", args.teacher] if args.teacher else [])
+                                  + (["--grad-checkpointing"] if args.grad_checkpointing else []))
     cd = recipes.cd_config_from_args(targs)
     step_cfg = recipes.step_config_from_args(targs, cd, preset.edm_config)
     pipe = load_pipeline(preset.name, args.teacher, device, DTYPES[args.dtype])
@@ -51,7 +51,7 @@ def bench_student(args: argparse.Namespace, lora_rank: int, device: torch.device
     student = nets["student"]
     calls = dict(nets, teacher=pipe.dit, target=nets["target"] if nets["target"] is not None else student)
     accelerator = Accelerator(cpu=device.type == "cpu")
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+    autocast, scaler = recipes.mixed_precision(args.precision, device)
     gen = torch.Generator(device).manual_seed(0)
     kind = f"LoRA rank {lora_rank}" if lora_rank else "full"
     trained = sum(p.numel() for p in student.parameters())
@@ -62,9 +62,11 @@ def bench_student(args: argparse.Namespace, lora_rank: int, device: torch.device
 
         def step() -> None:
             recipes.accumulate_gradients(accelerator, recipes.RECIPES[targs.recipe].losses, calls,
-                                         itertools.repeat((x0, y)), step_cfg, 0, gen, 1, autocast)
+                                         itertools.repeat((x0, y)), step_cfg, 0, gen, 1, autocast, scaler)
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(student.parameters(), targs.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             recipes.update_averages(nets, cd, targs.ema, 0)
 
@@ -95,8 +97,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=list(DTYPES),
                         help="the teacher's (and a LoRA student's base) dtype, train.py's --dtype")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), help="train.py's --precision (default: bf16 on "
-                                                                       "CUDA, fp32 on the CPU)")
+    parser.add_argument("--precision", choices=list(recipes.PRECISIONS), help="train.py's --precision (default: "
+                                                                              "bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--recipe", choices=list(recipes.RECIPES), default="default", help="train.py's --recipe")
     parser.add_argument("--lora-rank", type=int, nargs="+", default=[0, 32], help="0: the full student")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[8, 16, 32, 64],

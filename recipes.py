@@ -315,13 +315,26 @@ RECIPES = {
 FLAG_DEFAULTS = dict(dmd_weight=0.0, lr_schedule="constant")  # where neither the command line nor the recipe sets them
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.py --precision: autocast dtype
+
+
+def mixed_precision(precision: str, device: torch.device) -> tuple[torch.autocast, torch.amp.GradScaler]:
+    """The autocast around a step's forwards (weights stay float32) and, for fp16, dynamic loss scaling
+    (Micikevicius et al. 2018, arXiv 1710.03740: the loss is multiplied by a scale that halves when a gradient
+    overflows, that step being skipped, and doubles after 2000 clean steps); the scaler is a no-op otherwise."""
+    dtype = PRECISIONS[precision]
+    return (torch.autocast(device.type, dtype or torch.float32, enabled=dtype is not None),
+            torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+
+
 def accumulate_gradients(accelerator: Accelerator, losses: Callable[..., list[LossPart]], nets: dict,
                          inputs: Iterator[tuple[torch.Tensor, torch.Tensor]], cfg: StepConfig, step: int,
-                         gen: torch.Generator, grad_accum: int, autocast) -> dict[str, float]:
+                         gen: torch.Generator, grad_accum: int, autocast: torch.autocast,
+                         scaler: Optional[torch.amp.GradScaler] = None) -> dict[str, float]:
     """Backpropagate a recipe's `losses` over `grad_accum` batches (x0, y) from `inputs`, each part's loss divided
-    by grad_accum; the DDP-wrapped networks in `nets` ("student", "fake") all-reduce once, on the step's last
-    backward (the online "target" and the "teacher" run without grad). Returns the mean of the parts' STATS over
-    the batches."""
+    by grad_accum (and multiplied by fp16's loss scale: `mixed_precision`); the DDP-wrapped networks in `nets`
+    ("student", "fake") all-reduce once, on the step's last backward (the online "target" and the "teacher" run
+    without grad). Returns the mean of the parts' STATS over the batches."""
     ddp = [net for key, net in nets.items() if key in ("student", "fake", "weighting") and net is not None]
     stats = dict.fromkeys(STATS, 0.0)
     for micro in range(grad_accum):
@@ -334,7 +347,7 @@ def accumulate_gradients(accelerator: Accelerator, losses: Callable[..., list[Lo
                         stack.enter_context(accelerator.no_sync(net))
                 with autocast:
                     loss, part_stats = part()
-                accelerator.backward(loss / grad_accum)
+                accelerator.backward(loss / grad_accum if scaler is None else scaler.scale(loss / grad_accum))
             if "loss" in part_stats:
                 part_stats["loss"] = loss.item()  # what was backpropagated (a non-finite one stops train.py)
             for key, value in part_stats.items():

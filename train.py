@@ -52,9 +52,9 @@ from dataset import (CAPTIONS_CSV, CAPTIONS_JSON, MANIFEST_JSON, check_data_dir,
 from lora import LORA_TARGETS
 from pipeline import Pipeline, build_dit, get_preset, merge_lora, pipeline_from_args, save_lora, save_student
 from recipes import RECIPES, accumulate_gradients, cd_config_from_args, check_memory, describe_recipe, \
-    make_networks, passes_per_sample, step_config_from_args, update_averages
+    make_networks, mixed_precision, passes_per_sample, step_config_from_args, update_averages
 from utils import (StopRequest, UserError, append_jsonl, atomic_write, atomic_write_json, first_line, load_torch_file,
-                   peak_memory_gb, rng_state, run_cli, set_rng_state, truncate_jsonl)
+                   peak_memory_gb, read_jsonl, rng_state, run_cli, set_rng_state, truncate_jsonl)
 from validation import LOG_FILE, VAL_DIR, VAL_LOG_FILE, VAL_STUDENT_STEPS, make_validator, plot_curves, steps_label, \
     validate
 
@@ -149,15 +149,16 @@ def resolve_resume(args: argparse.Namespace) -> Optional[str]:
     return args.resume
 
 
-def save_checkpoint(accelerator: Accelerator, out_dir: str, step: int, nets: dict, optimizer, scheduler,
+def save_checkpoint(accelerator: Accelerator, out_dir: str, step: int, nets: dict, optim: dict,
                     gen: torch.Generator, cd: CDConfig, keep: int) -> str:
-    """Every process's RNG states and, from the main process, `nets` ({"student", "target", "ema"}: module or
-    None), the optimizer and the schedule at `step`, written atomically; all but the newest `keep` are deleted."""
+    """Every process's RNG states and, from the main process, `nets` ({"student", "target", "ema", ...}: module or
+    None) and `optim` ({"optimizer", "scheduler", "scaler"}) at `step`, written atomically; all but the newest
+    `keep` are deleted."""
     path = checkpoint_path(out_dir, step)
     rngs = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in gather_object([rng_state(gen)])]
     if accelerator.is_main_process:
-        state = dict(step=step, world_size=accelerator.num_processes, optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict(), rng=rngs, cd=dataclasses.asdict(cd),
+        state = dict(step=step, world_size=accelerator.num_processes, rng=rngs, cd=dataclasses.asdict(cd),
+                     **{k: v.state_dict() for k, v in optim.items()},
                      **{k: net.state_dict() if net is not None else None for k, net in nets.items()})
         atomic_write(path, lambda tmp: torch.save(state, tmp))
         for old in list_checkpoints(out_dir)[:-keep]:
@@ -166,8 +167,9 @@ def save_checkpoint(accelerator: Accelerator, out_dir: str, step: int, nets: dic
     return path
 
 
-def load_checkpoint(path: str, world: int, nets: dict, optimizer, scheduler) -> tuple[int, torch.Tensor]:
-    """Restore `nets`, the optimizer and the schedule from `path`; returns (step, this rank's RNG blob)."""
+def load_checkpoint(path: str, world: int, nets: dict, optim: dict) -> tuple[int, torch.Tensor]:
+    """Restore `nets` and `optim` (optimizer, schedule, fp16 loss scaler) from `path`; returns (step, this rank's
+    RNG blob)."""
     ckpt = load_torch_file(path, "checkpoint")
     if ckpt["world_size"] != world:
         raise UserError(f"{path} was written by {ckpt['world_size']} processes; resume it with as many (now "
@@ -181,8 +183,11 @@ def load_checkpoint(path: str, world: int, nets: dict, optimizer, scheduler) -> 
             except RuntimeError as e:
                 raise UserError(f"{path} does not fit this run's {key} network ({first_line(e)[:200]}): resume "
                                 "with the same --preset and --lora-rank") from None
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
+    for key, obj in optim.items():
+        try:
+            obj.load_state_dict(ckpt.get(key, {}))
+        except RuntimeError:  # the fp16 scaler's state from a run in another --precision
+            raise UserError(f"{path} has no {key} state of this run: resume with the same --precision") from None
     return ckpt["step"], ckpt["rng"]
 
 
@@ -227,6 +232,9 @@ def print_result(args: argparse.Namespace, result: dict) -> None:
     extra = [result[k] for k in ("guidance_embedder", "lora") if result[k]]
     print(f"done: step {result['step']}, loss {result['loss']:.4g}, {timing}; wrote {result['student']}"
           + "".join(f" and {path}" for path in extra))
+    skipped = sum(record.get("skipped", 0) for record in read_jsonl(result["log"]))
+    if skipped:
+        print(f"fp16: {skipped} step(s) skipped where a gradient overflowed (log.jsonl: skipped)")
     val = result["val"] or {}
     for name, what in (("full/adherence", "adherence, full captions"), ("partial/adherence", "partial captions"),
                        ("partial/coverage_tv", "coverage TV of what they omit (lower is better)")):
@@ -264,7 +272,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     main_process = accelerator.is_main_process
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+    autocast, scaler = mixed_precision(precision, device)  # fp16: dynamic loss scaling
     resume_from = resolve_resume(args)
     check_memory(args, cd, device)
 
@@ -278,7 +286,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     nets, optimizer, scheduler = make_networks(args, cd, pipe, device)
     student, exported = nets["student"], nets["ema"] if nets["ema"] is not None else nets["student"]
     gen = loss_generator(args.seed, rank, device)
-    step, rng_blobs = load_checkpoint(resume_from, world, nets, optimizer, scheduler) if resume_from else (0, None)
+    optim = dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    step, rng_blobs = load_checkpoint(resume_from, world, nets, optim) if resume_from else (0, None)
     calls = {k: accelerator.prepare_model(nets[k]) if nets[k] is not None else None  # DDP over several processes
              for k in ("student", "fake", "weighting")}
     calls.update(teacher=pipe.dit, target=nets["target"] if nets["target"] is not None else student)
@@ -311,7 +320,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             while step < args.steps:
                 t0 = time.time()
                 stats = accumulate_gradients(accelerator, RECIPES[args.recipe].losses, calls, inputs, step_cfg, step,
-                                             gen, args.grad_accum, autocast)
+                                             gen, args.grad_accum, autocast, scaler)
+                scaler.unscale_(optimizer)  # fp16: the gradients at their true scale before clipping
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     student.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf")).item()
                 if nets["fake"] is not None and args.grad_clip > 0:
@@ -319,13 +329,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 # one all-reduce: the mean loss over ranks and whether any rank was asked to stop
                 reduced = accelerator.reduce(torch.tensor([stats["loss"], float(stop.requested)], device=device))
                 loss, stop_now = reduced[0].item() / world, reduced[1].item() > 0
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                if not (math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled())):
                     where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                     raise UserError(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step + 1}; "
                                     f"stopped before updating the weights ({where}); try a lower --lr or "
                                     "another --loss/--weighting")
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
+                lr, scale = scheduler.get_last_lr()[0], scaler.get_scale()
+                scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, and the scale halves
+                scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 update_averages(nets, cd, args.ema, step)
@@ -334,14 +345,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 if main_process:
                     log_step(log_path, writer, bar, dict(
                         step=step, loss=loss, lr=lr, grad_norm=grad_norm, samples_per_s=effective / step_times[-1],
-                        peak_mem_gb=peak_memory_gb(device),
+                        peak_mem_gb=peak_memory_gb(device), skipped=int(scaler.get_scale() < scale),
                         **{k: stats[k] for k in ("sigma", "gap", "w", "dmd", "fake")},
                         time=time.time()))
                 if args.val_every > 0 and step % args.val_every == 0:
                     val_metrics = validate(accelerator, validator, step, exported, args.out_dir, writer)
                 if stop_now or (args.ckpt_every > 0 and step % args.ckpt_every == 0):
-                    last_ckpt = save_checkpoint(accelerator, args.out_dir, step, nets, optimizer, scheduler, gen,
-                                                cd, args.keep_ckpts)
+                    last_ckpt = save_checkpoint(accelerator, args.out_dir, step, nets, optim, gen, cd,
+                                                args.keep_ckpts)
                 if stop_now:
                     interrupted = True
                     tqdm.write(f"stopped at step {step}: wrote {last_ckpt}; continue with --resume auto")
@@ -360,8 +371,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if interrupted:
         return result
     if not last_ckpt or not last_ckpt.endswith(f"ckpt_{step:06d}.pt"):
-        result["checkpoint"] = save_checkpoint(accelerator, args.out_dir, step, nets, optimizer, scheduler, gen, cd,
-                                               args.keep_ckpts)
+        result["checkpoint"] = save_checkpoint(accelerator, args.out_dir, step, nets, optim, gen, cd, args.keep_ckpts)
     if args.val_every <= 0 or step % args.val_every != 0:
         result["val"] = validate(accelerator, validator, step, exported, args.out_dir, writer)
     if main_process:

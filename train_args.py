@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from dataset import add_import_args
 from pipeline import add_pipeline_args, get_preset
-from recipes import FLAG_DEFAULTS, RECIPES, add_recipe_args
+from recipes import FLAG_DEFAULTS, PRECISIONS, RECIPES, add_recipe_args
 from utils import UserError
 
 # Per-preset defaults of the flags below (--out-dir defaults to the preset's run_dir). batch_size is per process;
@@ -92,8 +92,9 @@ def parse_args(argv: Optional[list[str]] = None, usage: str = "") -> argparse.Na
     g.add_argument("--resume", help="'auto': the last checkpoint in --out-dir (start fresh if none), or a "
                                     "checkpoint PATH; the run continues exactly as if uninterrupted")
     g = parser.add_argument_group("speed and memory")
-    g.add_argument("--precision", choices=("bf16", "fp32"), help="bf16 autocast around the networks (weights "
-                   "stay fp32); default: bf16 on CUDA, fp32 on the CPU")
+    g.add_argument("--precision", choices=list(PRECISIONS), help="autocast around the networks (weights stay "
+                   "fp32): bf16, or fp16 with dynamic loss scaling for cards without bf16 (T4, P100, V100: "
+                   "recipes.mixed_precision); default: bf16 on CUDA, fp32 on the CPU")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute the student's transformer blocks "
                    "in the backward pass (less memory, ~30%% more student compute)")
     g.add_argument("--compile", action="store_true", help="torch.compile the student, target and teacher")

@@ -22,7 +22,7 @@ from cd_utils import SEED_RECIPE, CDConfig, cd_loss
 from dataset import ImageCaptionDataset, LatentCaptionDataset
 from microdit import load_dit_weights
 from pipeline import GUIDANCE_FILE, STUDENT_FILE, build_dit, get_preset, load_pipeline
-from utils import UserError, read_rng_state
+from utils import UserError, read_jsonl, read_rng_state
 from validation import LOG_FILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,10 +95,27 @@ def test_a_few_steps_lower_the_loss(data_dir, tmp_path):
 DMD_FLAGS = ["--dmd-weight", 0.5, "--dmd-start", 2, "--fake-lr", 2e-3, "--dmd-guidance", 3]
 
 
+def test_fp16_skips_overflowing_steps_and_goes_on(data_dir, tmp_path, monkeypatch):
+    """--precision fp16: with a loss scale so large that the fp16 gradients overflow, every update is skipped (the
+    weights stay the teacher's), the scale halves each time, log.jsonl flags each skipped step, and the run goes
+    on instead of stopping at the non-finite gradient norm."""
+    def huge_loss_scale(precision, device):
+        autocast, _ = recipes.mixed_precision(precision, device)
+        return autocast, torch.amp.GradScaler(device.type, init_scale=2.0**40)
+
+    monkeypatch.setattr(train, "mixed_precision", huge_loss_scale)
+    result = run(data_dir, tmp_path, "--steps", 3, "--precision", "fp16", "--ema", 0, "--ckpt-every", 0)
+    assert [r["skipped"] for r in read_jsonl(str(tmp_path / LOG_FILE))] == [1, 1, 1]
+    assert load_checkpoint(tmp_path, 3)["scaler"]["scale"] == 2.0**37
+    student, teacher = load_file(result["student"]), build_dit(get_preset("tiny-random")).state_dict()
+    assert all(torch.equal(student[k], teacher[k]) for k in teacher)
+
+
 @pytest.mark.parametrize("flags, loss_name", [(["--target-decay", 0.5], "cd_loss"),
                                               (["--target-decay", 0.5, *DMD_FLAGS], "cd_loss"),
-                                              (["--recipe", "rcm", "--tangent-warmup", 4, *DMD_FLAGS], "scm_loss")],
-                         ids=["cd", "cd+dmd", "rcm"])
+                                              (["--recipe", "rcm", "--tangent-warmup", 4, *DMD_FLAGS], "scm_loss"),
+                                              (["--target-decay", 0.5, "--precision", "fp16"], "cd_loss")],
+                         ids=["cd", "cd+dmd", "rcm", "cd-fp16"])
 def test_resume_after_ctrl_c_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch, flags, loss_name):
     """6 steps straight == Ctrl-C during step 3 (finishes it, checkpoints, stops) + --resume auto: every tensor of
     the final checkpoint (student, EMA target, slow EMA, DMD fake, sCM's weighting, optimizer, loss generator) is
@@ -135,6 +152,7 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(data_dir, tmp_path, monkey
     assert any(k.startswith("/weighting/") for k in ta) == (loss_name == "scm_loss")
     differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
     assert not differ, differ[:5]
+    assert a["scaler"] == b["scaler"] and bool(a["scaler"]) == ("fp16" in flags)  # fp16's loss scale resumes
     rng = read_rng_state(a["rng"][0])
     assert {"python", "numpy", "torch", "cuda", "loss"} <= set(rng) and rng["loss"].dtype == torch.uint8
     assert torch.equal(load_file(tmp_path / "straight" / STUDENT_FILE)["final_layer.linear.weight"],
