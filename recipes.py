@@ -25,6 +25,8 @@ import torch
 import torch.utils.checkpoint
 from accelerate import Accelerator
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import microdit
@@ -32,7 +34,7 @@ from cd_utils import EDM, INDEX_DISTS, LOSSES, SEED_RECIPE, SOLVERS, WEIGHTINGS,
     cd_loss, curriculum_scales, consistency_distance, consistency_forward, edm_forward, edm_loss, ema_decay, \
     ema_update, guided_edm_forward, teacher_calls, training_noise
 from lora import add_adapters, lora_layers, recompute_context
-from pipeline import DTYPES, GUIDANCE_FILE, Pipeline, build_dit, get_preset
+from pipeline import DTYPES, GUIDANCE_FILE, Pipeline, Preset, build_dit, get_preset
 from utils import UserError, seed_everything
 
 LossPart = Callable[[], tuple[torch.Tensor, dict[str, float]]]  # () -> (loss to backpropagate, floats to log)
@@ -334,7 +336,9 @@ def accumulate_gradients(accelerator: Accelerator, losses: Callable[..., list[Lo
     """Backpropagate a recipe's `losses` over `grad_accum` batches (x0, y) from `inputs`, each part's loss divided
     by grad_accum (and multiplied by fp16's loss scale: `mixed_precision`); the DDP-wrapped networks in `nets`
     ("student", "fake") all-reduce once, on the step's last backward (the online "target" and the "teacher" run
-    without grad). Returns the mean of the parts' STATS over the batches."""
+    without grad). FSDP-sharded ones reduce-scatter on every backward (accelerate's no_sync is a no-op for them),
+    which keeps their gradients sharded between micro-steps: memory before communication. Returns the mean of the
+    parts' STATS over the batches."""
     ddp = [net for key, net in nets.items() if key in ("student", "fake", "weighting") and net is not None]
     stats = dict.fromkeys(STATS, 0.0)
     for micro in range(grad_accum):
@@ -357,6 +361,9 @@ def accumulate_gradients(accelerator: Accelerator, losses: Callable[..., list[Lo
 
 def update_averages(nets: dict, cd: CDConfig, ema: float, step: int) -> None:
     """After optimizer step `step` (0-based): the EMA target at cd.target_decay, the slow EMA at `ema` warmed up."""
+    for net in (nets["student"], nets["target"], nets["ema"]):
+        if isinstance(net, FSDPModule):  # FSDP2 leaves a root's own weights gathered after a forward without grad
+            net.reshard()
     if nets["target"] is not None:
         ema_update(nets["target"], nets["student"], cd.target_decay)
     if nets["ema"] is not None:
@@ -483,6 +490,24 @@ def enable_grad_checkpointing(dit: torch.nn.Module) -> None:
                                           **context)
 
 
+def new_student(preset: Preset, teacher: Optional[str], cd: CDConfig) -> nn.Module:
+    """A full student as it starts: the teacher's DiT, float32 on the CPU, with a zero-initialised guidance embedder
+    for a w-conditioned one (cd.guidance_range)."""
+    dit = build_dit(preset, teacher)
+    if cd.guidance_range is not None:
+        dit.add_guidance_embedder()
+    return dit
+
+
+def fully_shard_dit(dit: nn.Module, mesh: DeviceMesh) -> None:
+    """FSDP (Zhao et al. 2023, arXiv 2304.11277) through PyTorch's FSDP2 `fully_shard`: every transformer block
+    (patch mixer and backbone) and then the rest of `dit` sharded over the mesh's processes, each holding 1/N of
+    every parameter (a DTensor) and all-gathering one block's weights for its forward and backward."""
+    for block in list(dit.blocks) + (list(dit.patch_mixer) if dit.use_patch_mixer else []):
+        fully_shard(block, mesh=mesh)
+    fully_shard(dit, mesh=mesh)
+
+
 def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module).eval().requires_grad_(False)
 
@@ -515,10 +540,7 @@ def make_networks(args: argparse.Namespace, cd: CDConfig, pipe: Pipeline, device
         pipe.dit = adapters[None]  # the pipeline (validation, teacher passes) keeps sampling the teacher
         nets = {k: adapters.get(k) for k in ("student", "target", "ema", "fake")}
     else:
-        base = build_dit(pipe.preset, args.teacher)
-        if cd.guidance_range is not None:
-            base.add_guidance_embedder()
-        base.to(device).train()
+        base = new_student(pipe.preset, args.teacher, cd).to(device).train()
         nets = dict(student=base, target=frozen_copy(base) if cd.target_decay > 0 else None,
                     ema=frozen_copy(base) if args.ema > 0 else None,
                     fake=copy.deepcopy(base).requires_grad_(True) if args.dmd_weight > 0 else None)
@@ -529,6 +551,11 @@ def make_networks(args: argparse.Namespace, cd: CDConfig, pipe: Pipeline, device
         for net in (base, None if args.lora_rank else nets["fake"]):
             if net is not None:
                 enable_grad_checkpointing(net)
+    if args.fsdp:  # before the optimizer: sharding replaces the parameters
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+        for key in ("student", "target", "ema", "fake"):
+            if nets[key] is not None:
+                fully_shard_dit(nets[key], mesh)
     groups = [{"params": list(student.parameters())
                + (list(nets["weighting"].parameters()) if nets["weighting"] is not None else [])}]
     if nets["fake"] is not None:

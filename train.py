@@ -42,19 +42,22 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import generate_data
 import train_args
+from checkpoints import full_network, load_checkpoint, resolve_resume, save_checkpoint
 from cd_utils import CDConfig
 from dataset import (CAPTIONS_CSV, CAPTIONS_JSON, MANIFEST_JSON, check_data_dir, get_dataloader, import_from_args,
                      latent_files, list_shards)
 from lora import LORA_TARGETS
 from pipeline import Pipeline, build_dit, get_preset, merge_lora, pipeline_from_args, save_lora, save_student
 from recipes import RECIPES, accumulate_gradients, cd_config_from_args, check_memory, describe_recipe, \
-    make_networks, mixed_precision, passes_per_sample, step_config_from_args, update_averages
-from utils import (StopRequest, UserError, append_jsonl, atomic_write, atomic_write_json, first_line, load_torch_file,
-                   peak_memory_gb, read_jsonl, rng_state, run_cli, set_rng_state, truncate_jsonl)
+    make_networks, mixed_precision, new_student, passes_per_sample, step_config_from_args, update_averages
+from utils import (StopRequest, UserError, append_jsonl, atomic_write_json, peak_memory_gb, read_jsonl, run_cli,
+                   set_rng_state, truncate_jsonl)
 from validation import LOG_FILE, VAL_DIR, VAL_LOG_FILE, VAL_STUDENT_STEPS, make_validator, plot_curves, steps_label, \
     validate
 
@@ -62,9 +65,6 @@ try:  # optional
     from torch.utils.tensorboard import SummaryWriter
 except ImportError:
     SummaryWriter = None
-
-CKPT_DIR = "checkpoints"
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line (train_args.py)
@@ -117,78 +117,6 @@ def loss_generator(seed: int, rank: int, device: torch.device) -> torch.Generato
     """The CD noise generator of one rank, seeded from (seed, rank)."""
     state = int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
     return torch.Generator(device).manual_seed(state)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-def checkpoint_path(out_dir: str, step: int) -> str:
-    return os.path.join(out_dir, CKPT_DIR, f"ckpt_{step:06d}.pt")
-
-
-def list_checkpoints(out_dir: str) -> list[str]:
-    """Checkpoint paths in OUT_DIR/checkpoints, oldest first."""
-    folder = os.path.join(out_dir, CKPT_DIR)
-    if not os.path.isdir(folder):
-        return []
-    return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.startswith("ckpt_") and n.endswith(".pt"))
-
-
-def resolve_resume(args: argparse.Namespace) -> Optional[str]:
-    """The checkpoint to resume from, or None for a fresh run (which must not clobber existing checkpoints)."""
-    existing = list_checkpoints(args.out_dir)
-    if args.resume is None:
-        if existing:
-            raise UserError(f"{args.out_dir} already has checkpoints: pass --resume auto to continue them, or "
-                            "choose another --out-dir")
-        return None
-    if args.resume == "auto":
-        return existing[-1] if existing else None
-    if not os.path.isfile(args.resume):
-        raise UserError(f"checkpoint not found: {args.resume}")
-    return args.resume
-
-
-def save_checkpoint(accelerator: Accelerator, out_dir: str, step: int, nets: dict, optim: dict,
-                    gen: torch.Generator, cd: CDConfig, keep: int) -> str:
-    """Every process's RNG states and, from the main process, `nets` ({"student", "target", "ema", ...}: module or
-    None) and `optim` ({"optimizer", "scheduler", "scaler"}) at `step`, written atomically; all but the newest
-    `keep` are deleted."""
-    path = checkpoint_path(out_dir, step)
-    rngs = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in gather_object([rng_state(gen)])]
-    if accelerator.is_main_process:
-        state = dict(step=step, world_size=accelerator.num_processes, rng=rngs, cd=dataclasses.asdict(cd),
-                     **{k: v.state_dict() for k, v in optim.items()},
-                     **{k: net.state_dict() if net is not None else None for k, net in nets.items()})
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-        for old in list_checkpoints(out_dir)[:-keep]:
-            os.remove(old)
-    accelerator.wait_for_everyone()
-    return path
-
-
-def load_checkpoint(path: str, world: int, nets: dict, optim: dict) -> tuple[int, torch.Tensor]:
-    """Restore `nets` and `optim` (optimizer, schedule, fp16 loss scaler) from `path`; returns (step, this rank's
-    RNG blob)."""
-    ckpt = load_torch_file(path, "checkpoint")
-    if ckpt["world_size"] != world:
-        raise UserError(f"{path} was written by {ckpt['world_size']} processes; resume it with as many (now "
-                        f"{world}) to continue the same data and noise streams")
-    for key, net in nets.items():
-        if net is not None:
-            if ckpt[key] is None:
-                raise UserError(f"{path} has no {key} network: resume with the same --target-decay/--ema")
-            try:
-                net.load_state_dict(ckpt[key])
-            except RuntimeError as e:
-                raise UserError(f"{path} does not fit this run's {key} network ({first_line(e)[:200]}): resume "
-                                "with the same --preset and --lora-rank") from None
-    for key, obj in optim.items():
-        try:
-            obj.load_state_dict(ckpt.get(key, {}))
-        except RuntimeError:  # the fp16 scaler's state from a run in another --precision
-            raise UserError(f"{path} has no {key} state of this run: resume with the same --precision") from None
-    return ckpt["step"], ckpt["rng"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,6 +201,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     autocast, scaler = mixed_precision(precision, device)  # fp16: dynamic loss scaling
+    if args.fsdp and world < 2:
+        raise UserError("--fsdp shards the networks over several processes: launch train.py with accelerate launch "
+                        "--num_processes N (or torchrun --nproc_per_node N)")
     resume_from = resolve_resume(args)
     check_memory(args, cd, device)
 
@@ -281,15 +212,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     check_data_dir(args.data_dir, preset.latent_shape, preset.dit_kwargs["caption_channels"])
 
-    # Networks: the frozen teacher (pipe.dit, in --dtype), the student (fp32 or LoRA), its target and slow EMA
+    # Networks: the frozen teacher (pipe.dit, in --dtype), the student (fp32 or LoRA, --fsdp: sharded), its target
+    # and slow EMA; `whole` gathers a sharded one onto the main process for validation and export
     pipe = pipeline_from_args(args, device)
     nets, optimizer, scheduler = make_networks(args, cd, pipe, device)
     student, exported = nets["student"], nets["ema"] if nets["ema"] is not None else nets["student"]
+
+    def whole(net: torch.nn.Module) -> Optional[torch.nn.Module]:
+        return full_network(net, lambda: new_student(preset, args.teacher, cd), main_process, device)
     gen = loss_generator(args.seed, rank, device)
     optim = dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     step, rng_blobs = load_checkpoint(resume_from, world, nets, optim) if resume_from else (0, None)
-    calls = {k: accelerator.prepare_model(nets[k]) if nets[k] is not None else None  # DDP over several processes
-             for k in ("student", "fake", "weighting")}
+    calls = {k: nets[k] if nets[k] is None or isinstance(nets[k], FSDPModule)  # DDP over several processes
+             else accelerator.prepare_model(nets[k]) for k in ("student", "fake", "weighting")}
     calls.update(teacher=pipe.dit, target=nets["target"] if nets["target"] is not None else student)
     if args.compile:
         calls.update({k: torch.compile(calls[k]) for k in ("student", "teacher", "target")})
@@ -315,7 +250,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     bar = tqdm(total=args.steps, initial=step, unit="step", disable=not main_process, dynamic_ncols=True)
     try:
         if step == 0 and args.val_every > 0:  # the teacher as a few-step sampler: the student's starting point
-            val_metrics = validate(accelerator, validator, step, exported, args.out_dir, writer)
+            val_metrics = validate(accelerator, validator, step, whole(exported), args.out_dir, writer)
         with StopRequest() as stop:
             while step < args.steps:
                 t0 = time.time()
@@ -323,7 +258,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                              gen, args.grad_accum, autocast, scaler)
                 scaler.unscale_(optimizer)  # fp16: the gradients at their true scale before clipping
                 grad_norm = torch.nn.utils.clip_grad_norm_(
-                    student.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf")).item()
+                    student.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+                grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
                 if nets["fake"] is not None and args.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(nets["fake"].parameters(), args.grad_clip)
                 # one all-reduce: the mean loss over ranks and whether any rank was asked to stop
@@ -349,7 +285,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                         **{k: stats[k] for k in ("sigma", "gap", "w", "dmd", "fake")},
                         time=time.time()))
                 if args.val_every > 0 and step % args.val_every == 0:
-                    val_metrics = validate(accelerator, validator, step, exported, args.out_dir, writer)
+                    val_metrics = validate(accelerator, validator, step, whole(exported), args.out_dir, writer)
                 if stop_now or (args.ckpt_every > 0 and step % args.ckpt_every == 0):
                     last_ckpt = save_checkpoint(accelerator, args.out_dir, step, nets, optim, gen, cd,
                                                 args.keep_ckpts)
@@ -370,12 +306,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                   sec_per_step=sec_per_step, samples_per_s=effective / sec_per_step if sec_per_step else None)
     if interrupted:
         return result
-    if not last_ckpt or not last_ckpt.endswith(f"ckpt_{step:06d}.pt"):
+    if not last_ckpt or not os.path.basename(last_ckpt).startswith(f"ckpt_{step:06d}."):
         result["checkpoint"] = save_checkpoint(accelerator, args.out_dir, step, nets, optim, gen, cd, args.keep_ckpts)
+    final = whole(exported)
     if args.val_every <= 0 or step % args.val_every != 0:
-        result["val"] = validate(accelerator, validator, step, exported, args.out_dir, writer)
+        result["val"] = validate(accelerator, validator, step, final, args.out_dir, writer)
     if main_process:
-        result.update(export_student(args, cd, step, exported, "slow EMA" if nets["ema"] is not None else "student"))
+        result.update(export_student(args, cd, step, final, "slow EMA" if nets["ema"] is not None else "student"))
         plot_curves(args.out_dir)
         if writer:
             writer.close()

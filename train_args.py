@@ -97,6 +97,9 @@ def parse_args(argv: Optional[list[str]] = None, usage: str = "") -> argparse.Na
                    "recipes.mixed_precision); default: bf16 on CUDA, fp32 on the CPU")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute the student's transformer blocks "
                    "in the backward pass (less memory, ~30%% more student compute)")
+    g.add_argument("--fsdp", action="store_true", help="shard the full student, its EMA target and slow EMA and "
+                   "DMD's fake denoiser over the processes of `accelerate launch` (FSDP2 fully_shard; checkpoints "
+                   "sharded too) instead of replicating them (DDP); the teacher stays replicated in --dtype")
     g.add_argument("--compile", action="store_true", help="torch.compile the student, target and teacher")
     g.add_argument("--cpu", action="store_true", help="train on the CPU even if CUDA is available")
     args = parser.parse_args(argv)
@@ -130,6 +133,11 @@ def parse_args(argv: Optional[list[str]] = None, usage: str = "") -> argparse.Na
         args.lora_alpha = args.lora_alpha or float(args.lora_rank)
         problems += [f"--lora-rank does not go with {flag} yet" for flag, given in (
             ("--w-min/--w-max (the guidance embedder is not an adapter)", args.w_min is not None),
+            ("--compile", args.compile)) if given]
+    if args.fsdp:  # LoRA: the adapters are small, DDP holds them at no cost; fp16: its scaler is not shard-aware
+        problems += [f"--fsdp does not go with {flag} yet" for flag, given in (
+            ("--lora-rank (DDP replicates small adapters at no cost)", args.lora_rank > 0),
+            ("--precision fp16 (the loss scaler would need ShardedGradScaler; use bf16)", args.precision == "fp16"),
             ("--compile", args.compile)) if given]
     if args.recipe in ("scm", "rcm"):
         problems += [f"--recipe {args.recipe} does not go with {flag} yet" for flag, given in (

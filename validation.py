@@ -186,7 +186,7 @@ def validate(accelerator: Accelerator, validator: Optional[Validator], step: int
             if writer:
                 writer.add_scalar(f"val/{k}", v, step)
         plot_curves(out_dir)
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("adherence/"))
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "/adherence/" in k)
         tqdm.write(f"step {step}: validation grid {VAL_DIR}/step_{step:06d}.png{'; ' + shown if shown else ''}")
     accelerator.wait_for_everyone()
     return metrics

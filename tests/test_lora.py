@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import bench_memory
+import checkpoints
 import recipes
 import train
 from cd_utils import CDConfig, cd_loss
@@ -142,8 +143,8 @@ def test_lora_resume_is_exact_and_checkpointing_changes_nothing(data_dir, teache
     common = ["--teacher", teacher_file, "--steps", 4, "--lora-rank", 4, "--lr", 1e-2, "--ckpt-every", 2,
               "--keep-ckpts", 3, "--ema", 0.9, "--target-decay", 0.5, "--batch-size", 2, "--grad-accum", 2]
     straight = run(data_dir, tmp_path / "straight", *common)
-    os.makedirs(tmp_path / "resumed" / train.CKPT_DIR)
-    shutil.copy(train.checkpoint_path(str(tmp_path / "straight"), 2), tmp_path / "resumed" / train.CKPT_DIR)
+    os.makedirs(tmp_path / "resumed" / checkpoints.CKPT_DIR)
+    shutil.copy(checkpoints.checkpoint_path(str(tmp_path / "straight"), 2), tmp_path / "resumed" / checkpoints.CKPT_DIR)
     PartialState._reset_state()
     run(data_dir, tmp_path / "resumed", *common, "--resume", "auto")
     a, b = tensors(load_checkpoint(tmp_path / "straight", 4)), tensors(load_checkpoint(tmp_path / "resumed", 4))
@@ -209,8 +210,8 @@ def test_lora_one_step_recipe_resumes_exactly_and_exports(data_dir, teacher_file
     ckpt = load_checkpoint(tmp_path / "straight", 4)
     assert ckpt["fake"].keys() == ckpt["student"].keys()  # an adapter, checkpointed as the student is
     assert not all(torch.equal(ckpt["fake"][k], ckpt["student"][k]) for k in ckpt["fake"])
-    os.makedirs(tmp_path / "resumed" / train.CKPT_DIR)
-    shutil.copy(train.checkpoint_path(str(tmp_path / "straight"), 2), tmp_path / "resumed" / train.CKPT_DIR)
+    os.makedirs(tmp_path / "resumed" / checkpoints.CKPT_DIR)
+    shutil.copy(checkpoints.checkpoint_path(str(tmp_path / "straight"), 2), tmp_path / "resumed" / checkpoints.CKPT_DIR)
     PartialState._reset_state()
     run(data_dir, tmp_path / "resumed", *common, "--resume", "auto")
     a, b = tensors(ckpt), tensors(load_checkpoint(tmp_path / "resumed", 4))

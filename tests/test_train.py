@@ -13,6 +13,7 @@ import torch
 from accelerate.state import AcceleratorState, PartialState
 from safetensors.torch import load_file
 
+import checkpoints
 import generate_data
 import recipes
 import shapes
@@ -52,7 +53,7 @@ def run(data_dir, out_dir, *extra):
 
 
 def load_checkpoint(out_dir, step):
-    return torch.load(train.checkpoint_path(str(out_dir), step), weights_only=True)
+    return torch.load(checkpoints.checkpoint_path(str(out_dir), step), weights_only=True)
 
 
 def tensors(tree, prefix=""):
@@ -159,7 +160,7 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(data_dir, tmp_path, monkey
                        load_file(tmp_path / "resumed" / STUDENT_FILE)["final_layer.linear.weight"])
     log = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / LOG_FILE)]
     assert log == list(range(1, 7))
-    assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path / "resumed"))] == \
+    assert [os.path.basename(p) for p in checkpoints.list_checkpoints(str(tmp_path / "resumed"))] == \
         ["ckpt_000004.pt", "ckpt_000006.pt"]  # --keep-ckpts 2
 
 
@@ -228,7 +229,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkey
     monkeypatch.setattr(recipes, "cd_loss", nan_from_step_3)
     with pytest.raises(UserError, match=r"non-finite loss \(nan\).* at step 3; .*last good checkpoint: .*ckpt_000002"):
         run(data_dir, tmp_path, "--steps", 6, "--ckpt-every", 2)
-    assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path))] == ["ckpt_000002.pt"]
+    assert [os.path.basename(p) for p in checkpoints.list_checkpoints(str(tmp_path))] == ["ckpt_000002.pt"]
     ckpt = load_checkpoint(tmp_path, 2)
     assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["student"].values())
 
