@@ -566,11 +566,15 @@ def make_networks(args: argparse.Namespace, cd: CDConfig, pipe: Pipeline, device
     return nets, optimizer, scheduler
 
 
-def state_bytes(base_params: int, trained_params: int, teacher_dtype: torch.dtype, averages: int) -> int:
-    """Bytes of the networks and optimizer state of a run: the teacher in its dtype, and per trained parameter (the
-    full student's or the LoRA factors) fp32 weights 4 + gradients 4 + AdamW moments 8 + 4 per weight average
-    (EMA target, slow EMA). The activations (bench_memory.py counts them), text encoder and VAE come on top."""
-    return base_params * torch.finfo(teacher_dtype).bits // 8 + trained_params * (16 + 4 * averages)
+def state_bytes(base_params: int, trained_params: int, teacher_dtype: torch.dtype, averages: int,
+                fake: bool = False, shards: int = 1) -> int:
+    """Bytes per device of a run's networks and optimizer state: the teacher in its dtype, and per trained parameter
+    (the full student's or the LoRA factors) fp32 weights 4 + gradients 4 + AdamW moments 8, + 4 per weight average
+    (EMA target, slow EMA), + 16 for DMD's fake denoiser (a trained copy of the student, or a second adapter); with
+    FSDP over `shards` processes the trained part is divided among them (the teacher stays whole on each). The
+    activations (bench_memory.py counts them), text encoder and VAE come on top."""
+    trained = trained_params * (16 + 4 * averages + (16 if fake else 0))
+    return base_params * torch.finfo(teacher_dtype).bits // 8 + -(-trained // shards)
 
 
 def available_memory_gib(device: torch.device) -> float:
@@ -582,25 +586,40 @@ def available_memory_gib(device: torch.device) -> float:
     return int(fields["MemAvailable"].split()[0]) / 2**20  # kB
 
 
-def check_memory(args: argparse.Namespace, cd: CDConfig, device: torch.device) -> None:
+def check_memory(args: argparse.Namespace, cd: CDConfig, device: torch.device, world: int = 1) -> None:
     """Refuse, before any expensive work, a run whose networks and optimizer state alone (`state_bytes`) do not fit
-    in the device's free memory: on the CPU the kernel would otherwise kill the run without a message."""
+    in the device's free memory (on the CPU the kernel would otherwise kill the run without a message), naming
+    the flags with which they would."""
     preset = get_preset(args.preset)
     with torch.device("meta"):  # shapes only: nothing is allocated
         dit = getattr(microdit, preset.dit_arch)(**preset.dit_kwargs)
     base = sum(p.numel() for p in dit.parameters())
-    trained = sum(p.numel() for p in add_adapters(dit, ["student"], args.lora_rank, args.lora_alpha)["student"]
-                  .parameters()) if args.lora_rank else base
+
+    def adapter_params(rank: int) -> int:
+        name = f"rank_{rank}"
+        return sum(p.numel() for p in add_adapters(dit, [name], rank, float(rank))[name].parameters())
+
+    trained = adapter_params(args.lora_rank) if args.lora_rank else base
     averages = (cd.target_decay > 0) + (args.ema > 0)
-    fake = state_bytes(0, trained, DTYPES[args.dtype], 0) if args.dmd_weight > 0 else 0  # a trained copy/adapter
-    need = (state_bytes(base, trained, DTYPES[args.dtype], averages) + fake) / 2**30
-    fake_note = " and a DMD fake denoiser" if fake else ""
-    have = available_memory_gib(device)
-    if need > have:
-        kind = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full"
-        hint = "a smaller --lora-rank" if args.lora_rank else "without DMD (--dmd-weight 0)" if fake else \
-            "a LoRA student (--lora-rank 32 --grad-checkpointing)"
-        raise UserError(f"the {kind} student of {preset.name} needs {need:.1f} GiB for its networks and optimizer "
-                        f"state alone ({base / 1e6:.0f}M teacher parameters in {args.dtype}, {trained / 1e6:.1f}M "
-                        f"trained with AdamW and {averages} weight average(s){fake_note}) and {device} has "
-                        f"{have:.1f} GiB free: train {hint}, or on a device with more memory")
+    teacher = DTYPES[args.dtype]
+
+    def gib(trained: int, dmd: bool, shards: int) -> float:
+        return state_bytes(base, trained, teacher, averages, dmd, shards) / 2**30
+
+    dmd = args.dmd_weight > 0
+    need, have = gib(trained, dmd, world if args.fsdp else 1), available_memory_gib(device)
+    if need <= have:
+        return
+    options = [(f"--fsdp (over these {world} processes)", gib(base, dmd, world)) if world > 1 and not args.fsdp
+               and not args.lora_rank else None,
+               ("--lora-rank 32", gib(adapter_params(32), dmd, 1)) if args.lora_rank != 32 else None,
+               ("--dmd-weight 0", gib(trained, False, world if args.fsdp else 1)) if dmd else None,
+               ("--ema 0", state_bytes(base, trained, teacher, averages - 1, dmd, world if args.fsdp else 1) / 2**30)
+               if args.ema > 0 else None]
+    fits = [f"{flag} ({size:.1f} GiB)" for flag, size in filter(None, options) if size <= have]
+    kind = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full"
+    raise UserError(f"the {kind} student of {preset.name} needs {need:.1f} GiB for its networks and optimizer state "
+                    f"alone ({base / 1e6:.0f}M teacher parameters in {args.dtype}, {trained / 1e6:.1f}M trained with "
+                    f"AdamW, {averages} weight average(s){' and a DMD fake denoiser' if dmd else ''}) and {device} "
+                    f"has {have:.1f} GiB free: "
+                    + (f"it would fit with {' or '.join(fits)}" if fits else "train on a device with more memory"))

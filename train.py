@@ -205,7 +205,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("--fsdp shards the networks over several processes: launch train.py with accelerate launch "
                         "--num_processes N (or torchrun --nproc_per_node N)")
     resume_from = resolve_resume(args)
-    check_memory(args, cd, device)
+    check_memory(args, cd, device, world)
 
     # Data: imported or generated if missing, then read through before the teacher's validation images are made
     ensure_teacher_data(args, accelerator)

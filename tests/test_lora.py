@@ -261,3 +261,13 @@ def test_bench_memory_counts_on_fake_tensors_what_real_ones_save(teacher_file):
     assert dmd["weights_gib"] - full["weights_gib"] == pytest.approx(16 * full["trained"] / 2**30)
     assert dmd["per_sample_gib"] == pytest.approx(2 * full["per_sample_gib"]) and dmd["student"] == "full + DMD"
     assert dmd["fixed_gib"] == pytest.approx(2 * full["fixed_gib"])
+    # LoRA + DMD: the fake is a second adapter; FSDP over 4 GPUs: a quarter of the trained state per GPU, plus the
+    # gathered blocks and roots, the same activations
+    lora_dmd = bench_memory.memory_row(PRESET.name, 4, torch.bfloat16, False, dmd=True)
+    assert lora_dmd["weights_gib"] - lora["weights_gib"] == pytest.approx(16 * lora["trained"] / 2**30)
+    assert lora_dmd["per_sample_gib"] == pytest.approx(2 * lora["per_sample_gib"])
+    sharded = bench_memory.memory_row(PRESET.name, 0, torch.bfloat16, False, dmd=True, gpus=4)
+    teacher = full["trained"] * 2 / 2**30  # bf16
+    gathered = bench_memory.fsdp_gathered_bytes(build_dit(PRESET)) / 2**30
+    assert sharded["weights_gib"] == pytest.approx(teacher + (dmd["weights_gib"] - teacher) / 4 + gathered, rel=1e-6)
+    assert sharded["per_sample_gib"] == dmd["per_sample_gib"] and sharded["student"] == "full + DMD, FSDP over 4 GPUs"

@@ -72,14 +72,20 @@ def test_full_xl_student_is_refused_before_any_work(monkeypatch, tmp_path):
                              str(tmp_path / "run")])
     start = time.time()
     with pytest.raises(UserError, match=r"full student of microdit-xl-512-random needs 30\.\d GiB .* 24\.0 GiB free: "
-                                        r"train a LoRA student \(--lora-rank 32 --grad-checkpointing\)"):
+                                        r"it would fit with --lora-rank 32 \(4\.\d GiB\)$"):
         train.train(args)
     assert time.time() - start < 30 and not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
     lora = train.parse_args(["--preset", PRESET.name, "--lora-rank", "32"])
     recipes.check_memory(lora, recipes.cd_config_from_args(lora), torch.device("cpu"))  # 4.7 GiB: fits
     one_step = train.parse_args(["--preset", PRESET.name, "--recipe", "one-step"])  # + the DMD fake's 17.4 GiB
-    with pytest.raises(UserError, match=r"needs 47\.\d GiB .* and a DMD fake denoiser\) .* without DMD"):
+    with pytest.raises(UserError, match=r"needs 47\.\d GiB .* and a DMD fake denoiser\) .* it would fit with "
+                                        r"--lora-rank 32 \(5\.\d GiB\)$"):
         recipes.check_memory(one_step, recipes.cd_config_from_args(one_step), torch.device("cpu"))
+    # over 4 processes, sharding the trained networks fits too: 4.3 GiB of fp32 teacher + 43.2 / 4
+    with pytest.raises(UserError, match=r"fit with --fsdp \(over these 4 processes\) \(15\.\d GiB\) or --lora-rank 32"):
+        recipes.check_memory(one_step, recipes.cd_config_from_args(one_step), torch.device("cpu"), world=4)
+    fsdp = train.parse_args(["--preset", PRESET.name, "--recipe", "one-step", "--fsdp"])
+    recipes.check_memory(fsdp, recipes.cd_config_from_args(fsdp), torch.device("cpu"), world=4)  # fits
 
 
 # ----------------------------------------------------------------------------------------------------------------
