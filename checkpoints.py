@@ -52,9 +52,12 @@ def resolve_resume(args: argparse.Namespace) -> Optional[str]:
             raise UserError(f"{args.out_dir} already has checkpoints: pass --resume auto to continue them, or "
                             "choose another --out-dir")
         return None
-    path = existing[-1] if args.resume == "auto" and existing else None if args.resume == "auto" else args.resume
-    if path is not None and not os.path.exists(path):
-        raise UserError(f"checkpoint not found: {path}")
+    if args.resume == "auto":
+        path = existing[-1] if existing else None
+    elif not os.path.exists(args.resume):
+        raise UserError(f"checkpoint not found: {args.resume}")
+    else:
+        path = args.resume
     if path is not None and path.endswith(".dcp") != bool(args.fsdp):
         raise UserError(f"{path} was written {'with' if path.endswith('.dcp') else 'without'} --fsdp: resume it "
                         "the same way")
@@ -86,6 +89,8 @@ def save_checkpoint(accelerator: Accelerator, out_dir: str, step: int, nets: dic
                  checkpoint_id=tmp)
         if accelerator.is_main_process:
             torch.save(state, os.path.join(tmp, SHARDED_STATE_FILE))
+            if os.path.exists(path):
+                shutil.rmtree(path)
             os.replace(tmp, path)
     elif accelerator.is_main_process:
         state.update({k: net.state_dict() if net is not None else None for k, net in nets.items()})
@@ -97,9 +102,9 @@ def save_checkpoint(accelerator: Accelerator, out_dir: str, step: int, nets: dic
     return path
 
 
-def load_checkpoint(path: str, world: int, nets: dict, optim: dict) -> tuple[int, torch.Tensor]:
-    """Restore `nets` and `optim` (optimizer, schedule, fp16 loss scaler) from `path`; returns (step, this rank's
-    RNG blob as uint8 tensor). Under --fsdp every process calls it and reads its own shards."""
+def load_checkpoint(path: str, world: int, nets: dict, optim: dict) -> tuple[int, list[torch.Tensor]]:
+    """Restore `nets` and `optim` (optimizer, schedule, fp16 loss scaler) from `path`; returns (step, every
+    process's RNG blob, uint8 tensors). Under --fsdp every process calls it and reads its own shards."""
     if path.endswith(".dcp"):
         return _load_sharded(path, world, nets, optim)
     ckpt = load_torch_file(path, "checkpoint")
@@ -127,7 +132,7 @@ def _check_world(path: str, saved: int, world: int) -> None:
                         "the same data and noise streams")
 
 
-def _load_sharded(path: str, world: int, nets: dict, optim: dict) -> tuple[int, torch.Tensor]:
+def _load_sharded(path: str, world: int, nets: dict, optim: dict) -> tuple[int, list[torch.Tensor]]:
     state = load_torch_file(os.path.join(path, SHARDED_STATE_FILE), "checkpoint state")
     _check_world(path, state["world_size"], world)
     shards = dict(optimizer=get_optimizer_state_dict(trained_networks(nets), optim["optimizer"]),

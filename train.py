@@ -8,6 +8,8 @@
     accelerate launch --num_processes 8 train.py --preset microdit-xl-512 --teacher ... --data-dir data/teacher
     python train.py --resume auto                       # continue from the last checkpoint in --out-dir
     python train.py --preset microdit-xl-512 --lora-rank 32 --dtype bf16 --grad-checkpointing --batch-size 4 ...
+    accelerate launch --num_processes 2 train.py ... --lora-rank 32 --dtype fp16 --precision fp16   # 2 x T4
+    accelerate launch --num_processes 4 train.py ... --recipe one-step --fsdp --grad-checkpointing  # 4 x 40 GB
 
 Data: the latent shards of `generate_data.py` (teacher latents + text embeddings: no VAE or text encoder in the
 loop), or images + captions (encoded on the fly). An empty --data-dir is first filled by generate_data with the
@@ -18,8 +20,10 @@ Networks: the teacher (frozen), the student (initialised from the teacher, train
 CDConfig (an EMA of the student with decay target_decay, or for target_decay = 0 the online student under
 no_grad: no copy), and a slow EMA of the student (--ema) that is validated and exported, as the EMA weights of a
 diffusion model are. With --ema 0 the online student is validated and exported. With --lora-rank R the student,
-the target and the slow EMA are LoRA adapters (`lora.py`) on the teacher's own DiT, held once in --dtype: for a
-16-24 GB GPU (memory: README).
+the target, the slow EMA (and DMD's fake) are LoRA adapters (`lora.py`) on the teacher's own DiT, held once in
+--dtype: for a 16-24 GB GPU (memory: README). With --fsdp the full student, target, slow EMA and fake are sharded
+over the processes (FSDP2) and checkpoints are sharded folders (`checkpoints.py`); the exported student is one
+file as always. --precision fp16 (cards without bf16) scales the loss dynamically and skips overflowing steps.
 
 Outputs in --out-dir: log.jsonl (one line per step), val/step_XXXXXX.png (rows = validation prompts, captioned;
 columns = teacher at its 30 Heun steps | student at 1 | 2 | 4 steps, titled), val_metrics.jsonl (`validation.py`:
@@ -267,9 +271,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 loss, stop_now = reduced[0].item() / world, reduced[1].item() > 0
                 if not (math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled())):
                     where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                    fp16 = ("; an fp16 forward may have overflowed: try --dtype fp32 (the teacher) or --precision "
+                            "fp32/bf16" if "fp16" in (args.dtype, precision) else "")
                     raise UserError(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step + 1}; "
                                     f"stopped before updating the weights ({where}); try a lower --lr or "
-                                    "another --loss/--weighting")
+                                    f"another --loss/--weighting{fp16}")
                 lr, scale = scheduler.get_last_lr()[0], scaler.get_scale()
                 scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, and the scale halves
                 scaler.update()
