@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from dataset import (CAPTIONS_JSON, IMAGES_DIR, LATENTS_DIR, MANIFEST_JSON, SHARD_DTYPE, LatentCaptionDataset,
                      image_name, list_shards, read_shard_index, save_shard, shard_name)
-from pipeline import Pipeline, add_pipeline_args, get_preset, pipeline_from_args
+from pipeline import DTYPES, Pipeline, add_pipeline_args, default_vae_dtype, get_preset, pipeline_from_args
 from sampler import PROMPT_FILE_FORMATS, generate_images, load_prompts, to_uint8
 from utils import UserError, atomic_write, atomic_write_json, run_cli
 
@@ -102,9 +102,10 @@ def data_settings(pipe_args: argparse.Namespace, prompts: Sequence[str], steps: 
     """What determines the data: a rerun into the same folder must match it."""
     digest = hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode("utf-8")).hexdigest()
     teacher = os.path.basename(pipe_args.teacher) if pipe_args.teacher else None
+    vae = default_vae_dtype(DTYPES[pipe_args.dtype])
+    vae_dtype = pipe_args.vae_dtype or next(name for name, dtype in DTYPES.items() if dtype == vae)
     return dict(preset=pipe_args.preset, teacher=teacher, steps=steps, guidance=guidance, seed=seed,
-                dtype=pipe_args.dtype, vae_dtype=pipe_args.vae_dtype or pipe_args.dtype, num_prompts=len(prompts),
-                prompts_sha256=digest)
+                dtype=pipe_args.dtype, vae_dtype=vae_dtype, num_prompts=len(prompts), prompts_sha256=digest)
 
 
 def check_settings(data_dir: str, settings: dict) -> None:

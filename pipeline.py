@@ -593,6 +593,12 @@ def load_text_encoder(preset: Preset, source: Optional[str] = None, device: str 
     return _frozen(preset.text_encoder.build(source, seed), torch.device(device), torch.float32)
 
 
+def default_vae_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype when none is asked for: the DiT's, but float32 for float16 (the SDXL VAE's activations overflow
+    float16, hence madebyollin/sdxl-vae-fp16-fix; the DiT does not on the tiny teacher, BENCHMARKS.md)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def load_pipeline(
     preset: str,
     teacher: Optional[str] = None,
@@ -605,7 +611,7 @@ def load_pipeline(
 ) -> Pipeline:
     """Build preset `preset` (a name in PRESETS): DiT from `teacher` (or random from `seed` for tiny-random),
     VAE from the `vae` folder and text tower from the `text_encoder` path (else the HF cache/hub), all frozen.
-    The DiT runs in `dtype`, the VAE in `vae_dtype` (default `dtype`), the text encoder in float32."""
+    The DiT runs in `dtype`, the VAE in `vae_dtype` (default: `default_vae_dtype`), the text encoder in float32."""
     p = get_preset(preset)
     device = torch.device(device)
     dit = _frozen(build_dit(p, teacher, seed), device, dtype)
@@ -614,7 +620,7 @@ def load_pipeline(
     if encoder.width != dit.caption_channels:
         raise UserError(f"text encoder width {encoder.width} does not match the DiT's caption_channels "
                         f"{dit.caption_channels} (preset {p.name})")
-    codec = _frozen(p.codec.build(vae, vae_dtype or dtype, seed), device)
+    codec = _frozen(p.codec.build(vae, vae_dtype or default_vae_dtype(dtype), seed), device)
     return Pipeline(p, dit, encoder, codec, device, dtype)
 
 
@@ -626,7 +632,8 @@ def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
                                       "(e.g. madebyollin/sdxl-vae-fp16-fix for fp16)")
     parser.add_argument("--text-encoder", help="local open_clip weights file or folder instead of the hub's")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="DiT dtype")
-    parser.add_argument("--vae-dtype", choices=list(DTYPES), help="VAE dtype (default: --dtype)")
+    parser.add_argument("--vae-dtype", choices=list(DTYPES), help="VAE dtype (default: --dtype, but fp32 for fp16: "
+                        "the SDXL VAE overflows in fp16)")
 
 
 def pipeline_from_args(args: argparse.Namespace, device: str | torch.device = "cpu", seed: int = 0) -> Pipeline:

@@ -1,6 +1,6 @@
 """train.py --fsdp on two CPU processes (gloo) on tiny-random: the sharded run (student, EMA target, slow EMA and DMD
-fake denoiser all sharded, gradient checkpointing, a sharded checkpoint resumed half-way) gives the losses and the
-exported student of the replicated (DDP) run within float tolerance."""
+fake denoiser all sharded, gradient checkpointing and accumulation, a sharded checkpoint resumed half-way) gives the
+losses and the exported student of the replicated (DDP) run within float tolerance."""
 import os
 import subprocess
 import sys
@@ -15,9 +15,9 @@ from test_train import REPO, data_dir  # noqa: F401 (data_dir: the fixture)
 from utils import UserError, read_jsonl
 from validation import LOG_FILE
 
-FLAGS = ["--preset", "tiny-random", "--batch-size", "2", "--target-decay", "0.5", "--ema", "0.9", "--dmd-weight",
-         "0.5", "--fake-lr", "1e-3", "--lr", "1e-3", "--grad-checkpointing", "--val-every", "0", "--val-samples", "1",
-         "--ckpt-every", "2", "--cpu"]
+FLAGS = ["--preset", "tiny-random", "--batch-size", "2", "--grad-accum", "2", "--target-decay", "0.5", "--ema", "0.9",
+         "--dmd-weight", "0.5", "--fake-lr", "1e-3", "--lr", "1e-3", "--grad-checkpointing", "--val-every", "0",
+         "--val-samples", "1", "--ckpt-every", "2", "--cpu"]
 
 
 def launch(data_dir, out_dir, *extra):

@@ -134,6 +134,10 @@ def test_vae_dtype(pipe):
     assert p.codec.vae.dtype == torch.bfloat16 and next(p.dit.parameters()).dtype == torch.float32
     images = p.decode(torch.zeros(1, *p.latent_shape))
     assert images.dtype == torch.float32 and images.shape == (1, 3, 64, 64)
+    # the VAE follows the DiT's dtype, but not into fp16 (the SDXL VAE overflows there) unless asked
+    assert load_pipeline("tiny-random", dtype=torch.bfloat16).codec.vae.dtype == torch.bfloat16
+    assert load_pipeline("tiny-random", dtype=torch.float16).codec.vae.dtype == torch.float32
+    assert load_pipeline("tiny-random", dtype=torch.float16, vae_dtype=torch.float16).codec.vae.dtype == torch.float16
 
 
 def test_sample_end_to_end(pipe):
