@@ -4,9 +4,12 @@ fake denoiser, and `Adapter` makes each of them (and the teacher: no adapter) a 
 distils with the base weights held once.
 
 Adapted layers (LORA_TARGETS): in every DiT block of the backbone and the patch mixer, the self-attention's qkv and
-output projections, the cross-attention's q, kv and output projections and the dense SwiGLU FFN's w1, w2, w3. The
-expert-choice MoE FFNs (expert tensors, not Linear layers), their gates, the adaLN modulations, the embedders, the
-caption blocks and the final layer keep the teacher's weights.
+output projections, the cross-attention's q, kv and output projections, the dense SwiGLU FFN's w1, w2, w3 and the
+adaLN modulation; the final layer's modulation and projection; the timestep embedder's MLP. The modulations and
+the timestep path are what makes the network behave differently at one noise level than at another, which a
+1-step student needs at sigma_max (without them a rank-32 student did not take DMD's 1-step gain on the shapes lab,
+BENCHMARKS.md). The expert-choice MoE FFNs (expert tensors, not Linear layers), their gates, the caption embedders
+and blocks keep the teacher's weights.
 """
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -18,7 +21,8 @@ from peft.functional import cast_adapter_dtype, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-LORA_TARGETS = r"(blocks|patch_mixer)\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q_linear|kv_linear|proj)|mlp\.w[123])"
+LORA_TARGETS = (r"(blocks|patch_mixer)\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q_linear|kv_linear|proj)|mlp\.w[123]|"
+                r"adaLN_modulation\.1)|final_layer\.(adaLN_modulation\.1|linear)|t_embedder\.mlp\.[02]")
 
 
 def select_adapter(dit: nn.Module, name: Optional[str]) -> Optional[str]:

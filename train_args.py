@@ -67,8 +67,9 @@ def parse_args(argv: Optional[list[str]] = None, usage: str = "") -> argparse.Na
     g.add_argument("--seed", type=int, default=0, help="seed of the data order, the CD noise (per rank: (seed, "
                    "rank)) and a new guidance embedder (default %(default)s)")
     add_recipe_args(parser)  # --recipe, CDConfig's flags, DMD's
-    g = parser.add_argument_group("LoRA student (lora.py: adapters on the attention, cross-attention and dense-FFN "
-                                  "projections of every DiT block; the MoE experts stay the teacher's)")
+    g = parser.add_argument_group("LoRA student (lora.py: adapters on the attention, cross-attention, dense-FFN and "
+                                  "adaLN projections of every DiT block, the final layer and the timestep embedder; "
+                                  "the MoE experts stay the teacher's)")
     g.add_argument("--lora-rank", type=int, default=0, help="R > 0: train LoRA adapters of rank R on the teacher's "
                    "DiT (held once, in --dtype) instead of a full fp32 student; 0: full student (default)")
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha: a layer's update is (alpha / R) B A (default: R)")

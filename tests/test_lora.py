@@ -74,9 +74,11 @@ def test_adapters_hold_their_factors_and_target_every_dense_projection(teacher_f
     dense = {name for name, m in build_dit(PRESET, teacher_file).named_modules() if isinstance(m, torch.nn.Linear)}
     expected = {n for n in dense if n.split(".")[0] in ("blocks", "patch_mixer") and
                 n.split(".", 2)[2] in ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear",
-                                       "cross_attn.proj", "mlp.w1", "mlp.w2", "mlp.w3")}
+                                       "cross_attn.proj", "mlp.w1", "mlp.w2", "mlp.w3", "adaLN_modulation.1")}
+    expected |= {"final_layer.adaLN_modulation.1", "final_layer.linear", "t_embedder.mlp.0", "t_embedder.mlp.2"}
     assert adapted_layers == expected and any(".mlp.w1" in n for n in expected)
-    assert not any("mlp.gate" in n or "adaLN" in n for n in adapted_layers)  # MoE and modulation stay frozen
+    assert any("patch_mixer" in n and "adaLN" in n for n in expected)  # the mixer's modulation too
+    assert not any("mlp.gate" in n or "y_emb" in n for n in adapted_layers)  # MoE gates, caption path stay frozen
     keys = adapters["student"].state_dict().keys()
     assert len(keys) == 2 * len(expected) and all(k.endswith(("lora_A", "lora_B")) for k in keys)
     assert adapters[None].state_dict() == {}
