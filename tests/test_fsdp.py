@@ -1,6 +1,7 @@
 """train.py --fsdp on two CPU processes (gloo) on tiny-random: the sharded run (student, EMA target, slow EMA and DMD
 fake denoiser all sharded, gradient checkpointing and accumulation, a sharded checkpoint resumed half-way) gives the
 losses and the exported student of the replicated (DDP) run within float tolerance."""
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoints
-from pipeline import STUDENT_FILE
+from microdit import load_dit_weights
+from pipeline import STUDENT_FILE, build_dit, get_preset
 from test_train import REPO, data_dir  # noqa: F401 (data_dir: the fixture)
 from utils import UserError, read_jsonl
 from validation import LOG_FILE
@@ -32,7 +34,11 @@ def launch(data_dir, out_dir, *extra):
 
 
 def test_fsdp_equals_ddp_and_resumes_from_sharded_checkpoints(data_dir, tmp_path):
-    launch(data_dir, tmp_path / "ddp", "--steps", "4")
+    ddp_run = launch(data_dir, tmp_path / "ddp", "--steps", "4")
+    assert "x 2 = 8 samples/step" in ddp_run.stdout  # batch 2 x grad-accum 2 x 2 processes
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
+    assert len(torch.load(checkpoints.checkpoint_path(str(tmp_path / "ddp"), 4), weights_only=True)["rng"]) == 2
+    load_dit_weights(build_dit(get_preset("tiny-random")), str(tmp_path / "ddp" / STUDENT_FILE))  # strictly
     launch(data_dir, tmp_path / "fsdp", "--steps", "2", "--fsdp")
     folder = checkpoints.checkpoint_path(str(tmp_path / "fsdp"), 2, sharded=True)
     sizes = [os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".distcp")]

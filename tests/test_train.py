@@ -260,7 +260,7 @@ def test_cli_flags_cover_cd_config():
         train.parse_args(["--recipe", "one-step", "--w-min", "2", "--w-max", "6"])
 
 
-@pytest.mark.parametrize("student", [[], ["--lora-rank", "4"]], ids=["full", "lora"])  # DMD: tests/test_fsdp.py
+@pytest.mark.parametrize("student", [["--lora-rank", "4"]], ids=["lora"])  # full + DMD: tests/test_fsdp.py
 def test_two_processes_under_accelerate(data_dir, tmp_path, student):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # `--multi_gpu` starts torchrun workers; on a machine without CUDA train.py joins them over gloo on the CPU.
