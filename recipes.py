@@ -601,21 +601,19 @@ def check_memory(args: argparse.Namespace, cd: CDConfig, device: torch.device, w
 
     trained = adapter_params(args.lora_rank) if args.lora_rank else base
     averages = (cd.target_decay > 0) + (args.ema > 0)
-    teacher = DTYPES[args.dtype]
+    dmd, shards = args.dmd_weight > 0, world if args.fsdp else 1
 
-    def gib(trained: int, dmd: bool, shards: int) -> float:
-        return state_bytes(base, trained, teacher, averages, dmd, shards) / 2**30
+    def gib(trained_params: int, dmd: bool = dmd, shards: int = shards, averages: int = averages) -> float:
+        return state_bytes(base, trained_params, DTYPES[args.dtype], averages, dmd, shards) / 2**30
 
-    dmd = args.dmd_weight > 0
-    need, have = gib(trained, dmd, world if args.fsdp else 1), available_memory_gib(device)
+    need, have = gib(trained), available_memory_gib(device)
     if need <= have:
         return
-    options = [(f"--fsdp (over these {world} processes)", gib(base, dmd, world)) if world > 1 and not args.fsdp
-               and not args.lora_rank else None,
-               ("--lora-rank 32", gib(adapter_params(32), dmd, 1)) if args.lora_rank != 32 else None,
-               ("--dmd-weight 0", gib(trained, False, world if args.fsdp else 1)) if dmd else None,
-               ("--ema 0", state_bytes(base, trained, teacher, averages - 1, dmd, world if args.fsdp else 1) / 2**30)
-               if args.ema > 0 else None]
+    options = [(f"--fsdp (over these {world} processes)", gib(base, shards=world))
+               if world > 1 and not args.fsdp and not args.lora_rank else None,
+               ("--lora-rank 32", gib(adapter_params(32), shards=1)) if args.lora_rank != 32 else None,
+               ("--dmd-weight 0", gib(trained, dmd=False)) if dmd else None,
+               ("--ema 0", gib(trained, averages=averages - 1)) if args.ema > 0 else None]
     fits = [f"{flag} ({size:.1f} GiB)" for flag, size in filter(None, options) if size <= have]
     kind = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full"
     raise UserError(f"the {kind} student of {preset.name} needs {need:.1f} GiB for its networks and optimizer state "
