@@ -80,7 +80,7 @@ def saved_bytes(net, dit, preset_name: str, batch: int, precision: str = "bf16")
     """One student forward at `batch` (under `precision`'s autocast, or in float32 for "fp32"): (bytes saved
     outside the transformer blocks, bytes saved inside each block, bytes of each block's input x)."""
     preset = get_preset(preset_name)
-    blocks = list(dit.blocks) + (list(dit.patch_mixer) if dit.use_patch_mixer else [])
+    blocks = dit.transformer_blocks()
     params = {p.untyped_storage()._cdata for p in dit.parameters()}  # a LoRA adapter's factors are the DiT's too
     seen, current, outside, inside, inputs = set(), [None], [0], [0] * len(blocks), [0] * len(blocks)
 
@@ -127,7 +127,7 @@ def jvp_attention_bytes(dit: torch.nn.Module, preset_name: str, precision: str) 
 def fsdp_gathered_bytes(dit: torch.nn.Module) -> int:
     """FSDP's gathered working set per GPU (module docstring): fp32 weights of three of the largest blocks and the
     root's own parameters of two networks."""
-    blocks = list(dit.blocks) + (list(dit.patch_mixer) if dit.use_patch_mixer else [])
+    blocks = dit.transformer_blocks()
     sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
     root = sum(p.numel() for p in dit.parameters()) - sum(sizes)
     return 4 * (3 * max(sizes) + 2 * root)

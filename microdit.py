@@ -384,8 +384,7 @@ class DiT(nn.Module):
         for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.pooled_y_emb_process.fc1,
                     self.pooled_y_emb_process.fc2, self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2):
             nn.init.normal_(lin.weight, std=s)
-        mixer = list(self.patch_mixer) if self.use_patch_mixer else []
-        for i, block in enumerate(list(self.blocks) + mixer):
+        for i, block in enumerate(self.transformer_blocks()):
             in_backbone = i < self.depth
             std_out = s / math.sqrt(2 * (i + 1)) if in_backbone and self.depth_init else s / math.sqrt(2 * self.depth)
             for norm in (block.norm1, block.norm2, block.norm3):
@@ -418,6 +417,10 @@ class DiT(nn.Module):
         for m in self.modules():
             if isinstance(m, ExpertChoiceFFN):
                 m.impl = impl
+
+    def transformer_blocks(self) -> list[DiTBlock]:
+        """The transformer blocks: the backbone's, then the patch mixer's (if it has one)."""
+        return list(self.blocks) + (list(self.patch_mixer) if self.use_patch_mixer else [])
 
     def add_guidance_embedder(self) -> None:
         """Add a w-embedding (LCM, arXiv 2310.04378) summed into the timestep embedding; zero-initialised,

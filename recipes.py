@@ -483,7 +483,7 @@ def step_config_from_args(args: argparse.Namespace, cd: CDConfig, edm: EDMConfig
 def enable_grad_checkpointing(dit: torch.nn.Module) -> None:
     """Recompute every transformer block (patch mixer and backbone) in the backward pass (torch.utils.checkpoint),
     a DiT with LoRA adapters with the adapter of the block's forward (`lora.recompute_context`)."""
-    blocks = list(dit.blocks) + (list(dit.patch_mixer) if dit.use_patch_mixer else [])
+    blocks = dit.transformer_blocks()
     context = dict(context_fn=recompute_context(dit)) if lora_layers(dit) else {}
     for block in blocks:
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False,
@@ -503,7 +503,7 @@ def fully_shard_dit(dit: nn.Module, mesh: DeviceMesh) -> None:
     """FSDP (Zhao et al. 2023, arXiv 2304.11277) through PyTorch's FSDP2 `fully_shard`: every transformer block
     (patch mixer and backbone) and then the rest of `dit` sharded over the mesh's processes, each holding 1/N of
     every parameter (a DTensor) and all-gathering one block's weights for its forward and backward."""
-    for block in list(dit.blocks) + (list(dit.patch_mixer) if dit.use_patch_mixer else []):
+    for block in dit.transformer_blocks():
         fully_shard(block, mesh=mesh)
     fully_shard(dit, mesh=mesh)
 
