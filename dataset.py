@@ -101,6 +101,11 @@ def shard_shapes(path: str) -> dict[str, tuple[int, ...]]:
         return {k: tuple(f.get_slice(k).get_shape()[1:]) for k in ("latents", "embeddings")}
 
 
+def has_captions(data_dir: str) -> bool:
+    """Whether DATA_DIR has a captions file (captions.json or captions.csv) for its images."""
+    return any(os.path.isfile(os.path.join(data_dir, n)) for n in (CAPTIONS_JSON, CAPTIONS_CSV))
+
+
 def list_shards(data_dir: str) -> list[str]:
     """Sorted paths of the latent shards in DATA_DIR/latents (empty if there are none)."""
     folder = os.path.join(data_dir, LATENTS_DIR)
@@ -510,8 +515,7 @@ def summarize(data_dir: str, num_captions: int = 3) -> list[str]:
             problems.append(str(e))
     else:
         lines.append("latents: none")
-    has_captions = any(os.path.isfile(os.path.join(data_dir, n)) for n in (CAPTIONS_JSON, CAPTIONS_CSV))
-    if latent_indices and not has_captions:  # imported latents, or shards alone: no images to check
+    if latent_indices and not has_captions(data_dir):  # imported latents, or shards alone: no images to check
         lines.append("images: none")
     else:
         try:

@@ -54,8 +54,8 @@ import generate_data
 import train_args
 from checkpoints import full_network, load_checkpoint, resolve_resume, save_checkpoint
 from cd_utils import CDConfig
-from dataset import (CAPTIONS_CSV, CAPTIONS_JSON, MANIFEST_JSON, check_data_dir, get_dataloader, import_from_args,
-                     latent_files, list_shards)
+from dataset import (MANIFEST_JSON, check_data_dir, get_dataloader, has_captions, import_from_args, latent_files,
+                     list_shards)
 from lora import LORA_TARGETS
 from pipeline import Pipeline, build_dit, get_preset, merge_lora, pipeline_from_args, save_lora, save_student
 from recipes import RECIPES, accumulate_gradients, cd_config_from_args, check_memory, describe_recipe, \
@@ -87,8 +87,7 @@ def needs_teacher_data(data_dir: str) -> bool:
     if os.path.isfile(manifest):
         with open(manifest, encoding="utf-8") as f:
             return not json.load(f).get("complete", True)
-    has_captions = any(os.path.isfile(os.path.join(data_dir, n)) for n in (CAPTIONS_JSON, CAPTIONS_CSV))
-    return not list_shards(data_dir) and not has_captions
+    return not list_shards(data_dir) and not has_captions(data_dir)
 
 
 def ensure_teacher_data(args: argparse.Namespace, accelerator: Accelerator) -> None:
