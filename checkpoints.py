@@ -84,9 +84,7 @@ def save_checkpoint(accelerator: Accelerator, out_dir: str, step: int, nets: dic
         if accelerator.is_main_process and os.path.exists(tmp):
             shutil.rmtree(tmp)  # a save that was killed
         accelerator.wait_for_everyone()
-        dcp.save(dict(optimizer=get_optimizer_state_dict(trained_networks(nets), optim["optimizer"]),
-                      **{k: get_model_state_dict(net) for k, net in nets.items() if net is not None}),
-                 checkpoint_id=tmp)
+        dcp.save(_sharded_state(nets, optim["optimizer"]), checkpoint_id=tmp)
         if accelerator.is_main_process:
             torch.save(state, os.path.join(tmp, SHARDED_STATE_FILE))
             if os.path.exists(path):
@@ -135,8 +133,7 @@ def _check_world(path: str, saved: int, world: int) -> None:
 def _load_sharded(path: str, world: int, nets: dict, optim: dict) -> tuple[int, list[torch.Tensor]]:
     state = load_torch_file(os.path.join(path, SHARDED_STATE_FILE), "checkpoint state")
     _check_world(path, state["world_size"], world)
-    shards = dict(optimizer=get_optimizer_state_dict(trained_networks(nets), optim["optimizer"]),
-                  **{k: get_model_state_dict(net) for k, net in nets.items() if net is not None})
+    shards = _sharded_state(nets, optim["optimizer"])  # filled in place by dcp.load
     try:
         dcp.load(shards, checkpoint_id=path)
     except Exception as e:  # a network this checkpoint does not hold, or of other shapes
@@ -150,6 +147,13 @@ def _load_sharded(path: str, world: int, nets: dict, optim: dict) -> tuple[int, 
         if key != "optimizer":
             obj.load_state_dict(state.get(key, {}))
     return state["step"], state["rng"]
+
+
+def _sharded_state(nets: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """What DCP saves and loads of a sharded run: every network's and the optimizer's state dicts, this process's
+    shards."""
+    return dict(optimizer=get_optimizer_state_dict(trained_networks(nets), optimizer),
+                **{k: get_model_state_dict(net) for k, net in nets.items() if net is not None})
 
 
 def trained_networks(nets: dict) -> nn.ModuleDict:
